@@ -1,0 +1,3 @@
+from raybig.cli import main
+
+main()

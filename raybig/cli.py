@@ -1,0 +1,105 @@
+"""The `raybig` command line. Thin: parse, call library functions, print."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Any
+
+import click
+from rich.console import Console
+
+from raybig import __version__
+from raybig.spec import SpecError, load_spec
+
+console = Console(stderr=True, highlight=False)
+out = Console(highlight=False)
+
+EXIT_SPEC = 2
+
+
+class RaybigGroup(click.Group):
+    """Turns expected failures into one-line messages instead of tracebacks."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except SpecError as e:
+            for issue in e.issues:
+                console.print(f"[red]error[/red] {issue.render()}", soft_wrap=True)
+            n = len(e.issues)
+            console.print(f"{n} problem{'s' if n != 1 else ''} in the spec; nothing was started.")
+            sys.exit(EXIT_SPEC)
+        except UserError as e:
+            console.print(f"[red]error[/red] {e}", soft_wrap=True)
+            sys.exit(e.code)
+
+
+class UserError(Exception):
+    """An error the user can act on; printed as one line."""
+
+    def __init__(self, message: str, code: int = 1):
+        super().__init__(message)
+        self.code = code
+
+
+set_option = click.option("--set", "overrides", multiple=True, metavar="PATH=VALUE",
+                          help="Override a spec value, e.g. --set train.lr=1e-3 (repeatable).")
+
+
+@click.group(cls=RaybigGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="raybig")
+def main() -> None:
+    """Train, tune and serve GPT-style models with DeepSpeed ZeRO on Ray, from one YAML spec."""
+
+
+def _load(path: str, overrides: tuple[str, ...]) -> Any:
+    return load_spec(path, list(overrides))
+
+
+@main.command()
+@click.argument("spec_path", metavar="SPEC")
+@set_option
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def validate(spec_path: str, overrides: tuple[str, ...], as_json: bool) -> None:
+    """Check a spec and print its memory estimate; starts nothing."""
+    from raybig.report_text import validate_summary
+
+    spec = _load(spec_path, overrides)
+    summary = validate_summary(spec)
+    if as_json:
+        out.print_json(json.dumps(summary))
+    else:
+        out.print(f"[green]ok[/green] {spec_path}: {summary['kind']} {summary['name']!r}")
+        for line in summary.get("lines", []):
+            out.print(f"  {line}")
+
+
+@main.command()
+@click.argument("spec_path", metavar="SPEC")
+@set_option
+@click.option("--address", default=None, help="Ray cluster to run on (default: embedded local Ray).")
+@click.option("--resume-from", default=None, metavar="URI", help="Start from this checkpoint (any fsspec URI).")
+@click.option("--json", "as_json", is_flag=True, help="Print the final result as JSON.")
+@click.option("-v", "--verbose", is_flag=True, help="Show Ray and worker logs.")
+def run(spec_path: str, overrides: tuple[str, ...], address: str | None, resume_from: str | None,
+        as_json: bool, verbose: bool) -> None:
+    """Run a spec to completion on an embedded local Ray (or --address)."""
+    from raybig.runners import run_spec
+
+    spec = _load(spec_path, overrides)
+    spec_dir = os.path.dirname(os.path.abspath(spec_path))
+    try:
+        result = run_spec(spec, address=address, resume_from=resume_from, as_json=as_json,
+                          python_path=[os.getcwd(), spec_dir], verbose=verbose)
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted[/yellow]: workers stopped; the last checkpoint is kept and "
+                      "`raybig run` on the same spec resumes from it.")
+        sys.exit(130)
+    if as_json and result is not None:
+        out.print_json(json.dumps(result))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

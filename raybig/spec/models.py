@@ -1,0 +1,276 @@
+"""The typed job spec. Every field carries its description; validation lives here.
+
+`JobSpec` is the union over `kind`. Later kinds (sweep, serve, pipeline) register
+themselves in `KINDS` so the loader dispatches on `kind` without a closed union.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
+
+# Error messages that start with "@sub.path: " are re-anchored to that sub path by the loader,
+# so a cross-field contradiction names the key the user wrote rather than its parent.
+
+
+def at(field: str, message: str) -> ValueError:
+    return ValueError(f"@{field}: {message}")
+
+
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "B": 1, "K": 1e3, "KB": 1e3, "KI": 1024, "KIB": 1024, "M": 1e6, "MB": 1e6,
+          "MI": 1024**2, "MIB": 1024**2, "G": 1e9, "GB": 1e9, "GI": 1024**3, "GIB": 1024**3,
+          "T": 1e12, "TB": 1e12, "TI": 1024**4, "TIB": 1024**4}
+
+
+def parse_bytes(value: Any) -> int:
+    """'8GiB' / '512MB' / 1024 -> bytes."""
+    if isinstance(value, bool):
+        raise ValueError("expected a size such as '8GiB' or a number of bytes")
+    if isinstance(value, int | float):
+        if value <= 0:
+            raise ValueError("must be positive")
+        return int(value)
+    m = _SIZE_RE.match(str(value))
+    if not m:
+        raise ValueError(f"{value!r} is not a size; use e.g. '8GiB', '512MB' or bytes")
+    n = float(m.group(1)) * _UNITS[(m.group(2) or "").upper()]
+    if n <= 0:
+        raise ValueError("must be positive")
+    return int(n)
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+    # Paths whose values came from secret-looking env vars; freeze() writes them back as ${VAR}.
+    _secret_paths: dict = PrivateAttr(default_factory=dict)
+
+
+# --- model -------------------------------------------------------------------------------------
+
+PRESETS: dict[str, dict[str, int]] = {
+    # A few hundred thousand parameters: runs the whole path in seconds on CPU.
+    "gpt-debug": dict(n_layer=2, n_head=2, n_embd=64, block_size=128),
+    "gpt-tiny": dict(n_layer=4, n_head=4, n_embd=128, block_size=256),
+    "gpt-mini": dict(n_layer=6, n_head=6, n_embd=384, block_size=512),
+    "gpt2-125m": dict(n_layer=12, n_head=12, n_embd=768, block_size=1024),
+    "gpt2-350m": dict(n_layer=24, n_head=16, n_embd=1024, block_size=1024),
+    "gpt-1.3b": dict(n_layer=24, n_head=32, n_embd=2048, block_size=2048),
+}
+
+
+class ModelSpec(Strict):
+    """Which network to train: a GPT preset, explicit GPT shape, or a plug-in factory."""
+
+    preset: Literal["gpt-debug", "gpt-tiny", "gpt-mini", "gpt2-125m", "gpt2-350m", "gpt-1.3b"] | None = Field(
+        None, description="Named GPT shape; explicit n_layer/n_head/... override its values.")
+    n_layer: int | None = Field(None, ge=1, le=256, description="Transformer blocks.")
+    n_head: int | None = Field(None, ge=1, le=256, description="Attention heads per block.")
+    n_embd: int | None = Field(None, ge=8, le=65536, description="Model width.")
+    block_size: int | None = Field(None, ge=8, le=131072, description="Longest context the model supports.")
+    vocab_size: int | None = Field(None, ge=2, le=1_000_000,
+                                   description="Vocabulary size; defaults to the tokenizer's.")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout probability.")
+    bias: bool = Field(False, description="Bias terms in Linear and LayerNorm layers.")
+    target: str | None = Field(None, description="Plug-in 'package.module:factory' returning an nn.Module.")
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments for `target`.")
+
+    @field_validator("target")
+    @classmethod
+    def _target_shape(cls, v: str | None) -> str | None:
+        if v is not None and not re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", v):
+            raise ValueError("must look like 'package.module:factory'")
+        return v
+
+    @model_validator(mode="after")
+    def _check(self) -> ModelSpec:
+        if self.target is None:
+            if self.preset is None and None in (self.n_layer, self.n_head, self.n_embd):
+                raise at("preset", "give a preset, or all of n_layer, n_head and n_embd, or a target")
+            shape = self.gpt_shape()
+            if shape["n_embd"] % shape["n_head"]:
+                raise at("n_embd", f"n_embd={shape['n_embd']} must be divisible by n_head={shape['n_head']}")
+        elif self.preset is not None:
+            raise at("target", "give either preset or target, not both")
+        elif self.kwargs and not isinstance(self.kwargs, dict):
+            raise at("kwargs", "must be a mapping")
+        return self
+
+    def gpt_shape(self) -> dict[str, int]:
+        shape = dict(PRESETS[self.preset]) if self.preset else {"block_size": 256}
+        for k in ("n_layer", "n_head", "n_embd", "block_size"):
+            if getattr(self, k) is not None:
+                shape[k] = getattr(self, k)
+        return shape
+
+
+# --- data --------------------------------------------------------------------------------------
+
+
+class DataSpec(Strict):
+    """Text corpus: any fsspec URI or glob of text files, or `stdlib://` (Python's own sources)."""
+
+    path: str = Field("stdlib://", min_length=1, description="fsspec URI/glob of text files, or stdlib://.")
+    seq_len: int = Field(128, ge=8, le=131072, description="Tokens per training sequence.")
+    tokenizer: Literal["bytes"] = Field("bytes", description="Byte-level tokenizer (vocab 256).")
+    val_fraction: float = Field(0.05, gt=0.0, lt=0.5, description="Share of the corpus held out.")
+    max_bytes: int = Field(16_000_000, ge=10_000, description="Read at most this many bytes of text.")
+
+
+# --- train loop --------------------------------------------------------------------------------
+
+
+class TrainLoopSpec(Strict):
+    """Optimisation schedule."""
+
+    steps: int = Field(300, ge=1, le=100_000_000, description="Optimizer steps.")
+    micro_batch_size: int = Field(8, ge=1, le=65536, description="Sequences per worker per micro step.")
+    grad_accum: int = Field(1, ge=1, le=4096, description="Micro steps per optimizer step.")
+    lr: float = Field(3e-4, gt=0.0, le=10.0, description="Peak learning rate.")
+    min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0, description="Cosine floor as a fraction of lr.")
+    warmup_steps: int = Field(20, ge=0, description="Linear warmup steps.")
+    weight_decay: float = Field(0.1, ge=0.0, le=1.0, description="AdamW weight decay.")
+    betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas.")
+    grad_clip: float = Field(1.0, ge=0.0, description="Clip gradient norm (0 = off).")
+    eval_every: int = Field(50, ge=1, description="Validation loss every N steps (and at the end).")
+    eval_batches: int = Field(8, ge=1, le=10_000, description="Micro batches per validation pass.")
+    log_every: int = Field(10, ge=1, description="Report training metrics every N steps.")
+    activation_checkpointing: bool = Field(False, description="Recompute block activations in backward.")
+
+    @field_validator("betas")
+    @classmethod
+    def _betas(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not all(0.0 <= b < 1.0 for b in v):
+            raise ValueError("each beta must be in [0, 1)")
+        return v
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainLoopSpec:
+        if self.warmup_steps >= self.steps and self.steps > 1:
+            raise at("warmup_steps", f"warmup_steps={self.warmup_steps} must be below steps={self.steps}")
+        return self
+
+
+# --- deepspeed ---------------------------------------------------------------------------------
+
+
+class DeepSpeedSpec(Strict):
+    """DeepSpeed ZeRO settings."""
+
+    zero_stage: Literal[0, 1, 2, 3] = Field(2, description="ZeRO stage: 0 (DDP), 1, 2 or 3.")
+    offload_optimizer: Literal["none", "cpu"] = Field("none", description="Optimizer state to CPU.")
+    offload_param: Literal["none", "cpu"] = Field("none", description="Parameters to CPU (ZeRO-3 only).")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="auto = bf16 on CUDA, fp32 on CPU.")
+    extra: dict[str, Any] = Field(default_factory=dict,
+                                  description="Merged over the generated DeepSpeed config (expert use).")
+
+    @model_validator(mode="after")
+    def _check(self) -> DeepSpeedSpec:
+        if self.offload_param != "none" and self.zero_stage != 3:
+            raise at("offload_param", f"offload_param={self.offload_param!r} needs zero_stage 3 "
+                     f"(got zero_stage={self.zero_stage})")
+        if self.offload_optimizer != "none" and self.zero_stage == 0:
+            raise at("offload_optimizer", "offload_optimizer needs zero_stage 1, 2 or 3 (got 0)")
+        return self
+
+
+# --- resources / storage / checkpoint ----------------------------------------------------------
+
+
+class ResourcesSpec(Strict):
+    """The gang of Ray Train workers."""
+
+    workers: int = Field(2, ge=1, le=4096, description="Ray Train workers (data-parallel ranks).")
+    cpus_per_worker: float = Field(1.0, gt=0.0, le=1024, description="CPUs reserved per worker.")
+    gpus_per_worker: float = Field(0.0, ge=0.0, le=16, description="GPUs per worker (0 = CPU training).")
+    memory_per_worker: int | None = Field(None, description="RAM per worker, e.g. '8GiB'; checked against "
+                                          "the ZeRO memory estimate and reserved in Ray.")
+    custom: dict[str, float] = Field(default_factory=dict, description="Custom Ray resources per worker.")
+
+    @field_validator("memory_per_worker", mode="before")
+    @classmethod
+    def _mem(cls, v: Any) -> int | None:
+        return None if v is None else parse_bytes(v)
+
+
+class StorageSpec(Strict):
+    """Where runs write checkpoints, metrics and exports."""
+
+    path: str = Field("./runs", min_length=1, description="Local path or fsspec URI (s3://, gs://, ...).")
+
+    @field_validator("path")
+    @classmethod
+    def _path(cls, v: str) -> str:
+        if v.startswith("memory://"):
+            raise ValueError("memory:// is per-process and cannot hold Ray Train storage; "
+                             "use a local path or shared storage (s3://, gs://, NFS)")
+        return v
+
+
+class CheckpointSpec(Strict):
+    """Checkpoint cadence, retention and failure handling."""
+
+    every: int = Field(100, ge=1, description="Save a checkpoint every N steps (and at the end).")
+    keep: int = Field(2, ge=1, le=1000, description="Keep the newest N checkpoints.")
+    max_failures: int = Field(2, ge=-1, le=1000, description="Worker-group restarts from the last "
+                              "checkpoint before the run fails (-1 = unlimited).")
+
+
+class SampleSpec(Strict):
+    """A short generated sample printed at the end of training."""
+
+    prompt: str = Field("def ", description="Prompt text.")
+    max_new_tokens: int = Field(120, ge=0, le=4096, description="Tokens to generate (0 = no sample).")
+    temperature: float = Field(0.8, ge=0.0, le=5.0, description="Sampling temperature.")
+
+
+NAME_RE = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$"
+
+
+class TrainSpec(Strict):
+    """A training job: one GPT (or plug-in) model trained with DeepSpeed ZeRO on Ray Train."""
+
+    kind: Literal["train"] = "train"
+    name: str = Field(..., pattern=NAME_RE, description="Run name; also the run directory's name.")
+    seed: int = Field(0, ge=0, le=2**31 - 1, description="Seeds init, data order and dropout.")
+    model: ModelSpec = Field(default_factory=lambda: ModelSpec(preset="gpt-tiny"))
+    data: DataSpec = Field(default_factory=DataSpec)
+    train: TrainLoopSpec = Field(default_factory=TrainLoopSpec)
+    deepspeed: DeepSpeedSpec = Field(default_factory=DeepSpeedSpec)
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+    storage: StorageSpec = Field(default_factory=StorageSpec)
+    checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
+    init_from: str | None = Field(None, description="Fine-tune: load weights (only) from this export or "
+                                  "checkpoint URI.")
+    sample: SampleSpec = Field(default_factory=SampleSpec)
+    priority: int = Field(0, ge=-1000, le=1000, description="Scheduler priority (higher runs first).")
+    max_retries: int = Field(0, ge=0, le=100, description="Scheduler retries of a failed job.")
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainSpec:
+        from raybig.train.ds_config import check_extra
+
+        if self.deepspeed.precision == "fp16" and self.resources.gpus_per_worker == 0:
+            raise at("deepspeed.precision", "fp16 is not supported by DeepSpeed's CPU accelerator; "
+                     "use fp32 or bf16 (or gpus_per_worker > 0)")
+        if self.model.target is None:
+            bs = self.model.gpt_shape()["block_size"]
+            if self.data.seq_len > bs:
+                raise at("data.seq_len", f"seq_len={self.data.seq_len} exceeds the model's block_size={bs}")
+        for sub, msg in check_extra(self):
+            raise at(f"deepspeed.extra.{sub}", msg)
+        from raybig.train.memory import check_fit
+
+        problem = check_fit(self)
+        if problem:
+            raise at("resources.memory_per_worker", problem)
+        return self
+
+
+# kind -> model. Later kinds add themselves here; the loader dispatches on `kind`.
+KINDS: dict[str, type[BaseModel]] = {"train": TrainSpec}
+
+JobSpec = TrainSpec  # widened to a union as kinds are added

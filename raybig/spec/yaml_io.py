@@ -1,0 +1,239 @@
+"""YAML with line numbers, `${ENV}` interpolation and `--set a.b=c` overrides.
+
+The loader walks PyYAML's node graph itself so that every value keeps the line
+it came from. Aliases are expanded with a node budget, which refuses
+billion-laughs documents instead of eating the machine.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+Path = tuple[str | int, ...]
+
+MAX_NODES = 100_000
+MAX_DEPTH = 64
+_ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+# Env vars whose values must never be written back into a frozen spec.
+SECRET_NAME_RE = re.compile(r"(TOKEN|SECRET|PASSWORD|PASSWD|API_KEY|ACCESS_KEY|PRIVATE)", re.IGNORECASE)
+
+
+@dataclass
+class Issue:
+    """One problem in a spec: where (path + line) and what."""
+
+    path: Path
+    message: str
+    line: int | None = None
+    source: str = ""
+
+    def render(self) -> str:
+        where = self.source or "<spec>"
+        if self.line == 0:
+            where = "--set"
+        elif self.line is not None:
+            where += f":{self.line}"
+        dotted = dotted_path(self.path) or "<root>"
+        return f"{where}: {dotted}: {self.message}"
+
+
+class SpecError(Exception):
+    """A spec failed to load or validate. Holds every issue found."""
+
+    def __init__(self, issues: list[Issue]):
+        self.issues = issues
+        super().__init__("\n".join(i.render() for i in issues))
+
+
+@dataclass
+class Loaded:
+    """Raw YAML data plus the line of every path and where secrets came from."""
+
+    data: Any
+    lines: dict[Path, int] = field(default_factory=dict)
+    source: str = "<spec>"
+    # path -> "${NAME}" for values interpolated from secret-looking env vars
+    secret_paths: dict[Path, str] = field(default_factory=dict)
+
+    def line_of(self, path: Path) -> int | None:
+        """Line of `path`, or of its nearest ancestor that has one."""
+        p = tuple(path)
+        while p:
+            if p in self.lines:
+                return self.lines[p]
+            p = p[:-1]
+        return self.lines.get(())
+
+
+def dotted_path(path: Path) -> str:
+    out = ""
+    for part in path:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + str(part)
+    return out
+
+
+class _Walker:
+    def __init__(self, source: str, env: dict[str, str]):
+        self.source = source
+        self.env = env
+        self.lines: dict[Path, int] = {}
+        self.secret_paths: dict[Path, str] = {}
+        self.issues: list[Issue] = []
+        self.count = 0
+        self.ctor = yaml.SafeLoader.__new__(yaml.SafeLoader)
+        yaml.constructor.SafeConstructor.__init__(self.ctor)
+
+    def walk(self, node: yaml.Node, path: Path, depth: int = 0) -> Any:
+        self.count += 1
+        if self.count > MAX_NODES:
+            raise SpecError([Issue(path, f"document expands to more than {MAX_NODES} values "
+                                   "(YAML alias bomb?)", node.start_mark.line + 1, self.source)])
+        if depth > MAX_DEPTH:
+            raise SpecError([Issue(path, f"nested deeper than {MAX_DEPTH} levels",
+                                   node.start_mark.line + 1, self.source)])
+        self.lines.setdefault(path, node.start_mark.line + 1)
+        if isinstance(node, yaml.MappingNode):
+            self.ctor.flatten_mapping(node)
+            out: dict[str, Any] = {}
+            for knode, vnode in node.value:
+                key = self.ctor.construct_object(knode, deep=True)
+                if not isinstance(key, str):
+                    self.issues.append(Issue(path, f"keys must be strings, got {key!r}",
+                                             knode.start_mark.line + 1, self.source))
+                    continue
+                if key in out:
+                    self.issues.append(Issue(path + (key,), "duplicate key",
+                                             knode.start_mark.line + 1, self.source))
+                    continue
+                self.lines[path + (key,)] = knode.start_mark.line + 1
+                out[key] = self.walk(vnode, path + (key,), depth + 1)
+            return out
+        if isinstance(node, yaml.SequenceNode):
+            return [self.walk(v, path + (i,), depth + 1) for i, v in enumerate(node.value)]
+        value = self.ctor.construct_object(node, deep=True)
+        if isinstance(value, str) and "${" in value:
+            value = self._interpolate(value, path, node.start_mark.line + 1)
+        return value
+
+    def _interpolate(self, value: str, path: Path, line: int) -> Any:
+        secret_names = []
+
+        def sub(m: re.Match[str]) -> str:
+            name, default = m.group(1), m.group(2)
+            if name in self.env:
+                if SECRET_NAME_RE.search(name):
+                    secret_names.append(name)
+                return self.env[name]
+            if default is not None:
+                return default
+            self.issues.append(Issue(path, f"environment variable ${{{name}}} is not set "
+                                     f"(use ${{{name}:-default}} for a fallback)", line, self.source))
+            return m.group(0)
+
+        out = _ENV_RE.sub(sub, value)
+        if secret_names:
+            self.secret_paths[path] = value
+        # A whole-value substitution is re-read as YAML so "${STEPS}" can be an int.
+        if _ENV_RE.fullmatch(value) and not secret_names:
+            try:
+                return yaml.safe_load(out) if out.strip() else out
+            except yaml.YAMLError:
+                return out
+        return out
+
+
+def load_yaml_text(text: str, source: str = "<spec>", env: dict[str, str] | None = None) -> Loaded:
+    """Parse YAML text into plain data with a line map. Raises SpecError."""
+    env = dict(os.environ) if env is None else env
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+        line = mark.line + 1 if mark is not None else None
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise SpecError([Issue((), f"broken YAML: {problem}", line, source)]) from None
+    if node is None:
+        raise SpecError([Issue((), "the spec is empty", 1, source)])
+    walker = _Walker(source, env)
+    try:
+        data = walker.walk(node, ())
+    except RecursionError:
+        raise SpecError([Issue((), "YAML nested too deeply", None, source)]) from None
+    except yaml.YAMLError as e:
+        raise SpecError([Issue((), f"broken YAML: {e}", None, source)]) from None
+    if walker.issues:
+        raise SpecError(walker.issues)
+    if not isinstance(data, dict):
+        raise SpecError([Issue((), f"the spec must be a mapping of keys, got {type(data).__name__}",
+                               1, source)])
+    return Loaded(data, walker.lines, source, walker.secret_paths)
+
+
+def load_yaml_file(path: str, env: dict[str, str] | None = None) -> Loaded:
+    """Read a spec file (local path or fsspec URI)."""
+    import fsspec
+
+    try:
+        with fsspec.open(path, "r", encoding="utf-8") as f:
+            text = f.read()
+    except FileNotFoundError:
+        raise SpecError([Issue((), "no such file", None, path)]) from None
+    except IsADirectoryError:
+        raise SpecError([Issue((), "is a directory, not a YAML file", None, path)]) from None
+    except UnicodeDecodeError:
+        raise SpecError([Issue((), "not UTF-8 text", None, path)]) from None
+    except OSError as e:
+        raise SpecError([Issue((), f"cannot read: {e.strerror or e}", None, path)]) from None
+    return load_yaml_text(text, source=path, env=env)
+
+
+def parse_override(item: str) -> tuple[Path, Any]:
+    """`a.b.c=value` -> (("a","b","c"), parsed value). The value is read as YAML."""
+    if "=" not in item:
+        raise SpecError([Issue((), f"--set {item!r}: expected path.to.key=value", None, "--set")])
+    key, _, raw = item.partition("=")
+    parts: list[str | int] = []
+    for p in key.strip().split("."):
+        if not p:
+            raise SpecError([Issue((), f"--set {item!r}: empty key segment", None, "--set")])
+        parts.append(int(p) if p.isdigit() else p)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return tuple(parts), value
+
+
+def apply_overrides(loaded: Loaded, overrides: list[str]) -> None:
+    """Apply `--set` items in place; lines of overridden paths point at `--set`."""
+    for item in overrides:
+        path, value = parse_override(item)
+        node: Any = loaded.data
+        for i, part in enumerate(path[:-1]):
+            if isinstance(node, dict):
+                nxt = node.get(part)
+                if nxt is None:
+                    nxt = node[part] = {}
+                node = nxt
+            elif isinstance(node, list) and isinstance(part, int) and part < len(node):
+                node = node[part]
+            else:
+                raise SpecError([Issue(path[: i + 1], f"--set {item!r}: cannot descend into "
+                                       f"{type(node).__name__}", None, "--set")])
+        if isinstance(node, list) and isinstance(path[-1], int) and path[-1] < len(node):
+            node[path[-1]] = value
+        elif isinstance(node, dict):
+            node[path[-1]] = value
+        else:
+            raise SpecError([Issue(path, f"--set {item!r}: cannot set a key on "
+                                   f"{type(node).__name__}", None, "--set")])
+        loaded.lines[path] = 0  # 0 marks "from --set"
+        loaded.secret_paths.pop(path, None)

@@ -1,0 +1,106 @@
+"""Text corpora to token batches, deterministic per (seed, rank, step).
+
+The corpus is any fsspec URI, directory or glob of text files, or `stdlib://`
+(this Python's own standard library sources, which exist on every machine).
+Files are read in sorted order; the last `val_fraction` of the token stream is held out.
+Each rank samples windows from its own contiguous shard of the training tokens with
+an RNG keyed on (seed, rank, step, micro), so a resumed run sees the same batches.
+"""
+
+from __future__ import annotations
+
+import sysconfig
+from dataclasses import dataclass
+
+import fsspec
+import numpy as np
+import torch
+
+from raybig.spec.models import DataSpec
+
+VOCAB_SIZE = 256  # byte-level tokenizer
+
+
+def encode(text: str) -> list[int]:
+    return list(text.encode("utf-8", errors="replace"))
+
+
+def decode(ids: list[int]) -> str:
+    return bytes(int(i) & 0xFF for i in ids).decode("utf-8", errors="replace")
+
+
+def list_files(path: str) -> list[str]:
+    """Resolve a data path to a sorted list of fsspec URLs."""
+    if path.startswith("stdlib://"):
+        root = sysconfig.get_paths()["stdlib"]
+        fs = fsspec.filesystem("file")
+        files = [f for f in fs.glob(f"{root}/*.py") if "/site-packages/" not in f]
+        files += fs.glob(f"{root}/json/*.py") + fs.glob(f"{root}/email/*.py")
+        return sorted(files)
+    fs, _, paths = fsspec.get_fs_token_paths(path)
+    out: list[str] = []
+    for p in paths:
+        if fs.isdir(p):
+            out += [f for f in fs.find(p) if not fs.isdir(f)]
+        else:
+            out.append(p)
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    return sorted(f if protocol in ("file", "local") else f"{protocol}://{f}" for f in out)
+
+
+def read_corpus(spec: DataSpec) -> np.ndarray:
+    """All tokens of the corpus as uint8, capped at `max_bytes`."""
+    files = list_files(spec.path)
+    if not files:
+        raise FileNotFoundError(f"data.path {spec.path!r} matched no files")
+    chunks: list[bytes] = []
+    total = 0
+    for f in files:
+        with fsspec.open(f, "rb") as fh:
+            blob = fh.read(spec.max_bytes - total)
+        chunks.append(blob + b"\n\n")
+        total += len(blob) + 2
+        if total >= spec.max_bytes:
+            break
+    return np.frombuffer(b"".join(chunks), dtype=np.uint8)
+
+
+@dataclass
+class Batches:
+    """Deterministic batch source for one rank."""
+
+    train: np.ndarray
+    val: np.ndarray
+    seq_len: int
+    micro_batch_size: int
+    seed: int
+    rank: int
+    world_size: int
+
+    @classmethod
+    def build(cls, spec: DataSpec, micro_batch_size: int, seed: int, rank: int, world_size: int,
+              tokens: np.ndarray | None = None) -> Batches:
+        tokens = read_corpus(spec) if tokens is None else tokens
+        n_val = max(int(len(tokens) * spec.val_fraction), spec.seq_len + 2)
+        train, val = tokens[:-n_val], tokens[-n_val:]
+        shard = len(train) // world_size
+        if shard <= spec.seq_len + 1:
+            raise ValueError(f"corpus too small: {len(train)} training tokens for {world_size} "
+                             f"ranks at seq_len {spec.seq_len}")
+        mine = train[rank * shard:(rank + 1) * shard]
+        return cls(mine, val, spec.seq_len, micro_batch_size, seed, rank, world_size)
+
+    def _windows(self, data: np.ndarray, rng: np.random.Generator, n: int) -> tuple[torch.Tensor, ...]:
+        starts = rng.integers(0, len(data) - self.seq_len - 1, size=n)
+        x = np.stack([data[s:s + self.seq_len] for s in starts]).astype(np.int64)
+        y = np.stack([data[s + 1:s + 1 + self.seq_len] for s in starts]).astype(np.int64)
+        return torch.from_numpy(x), torch.from_numpy(y)
+
+    def train_batch(self, step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
+        rng = np.random.default_rng([self.seed, self.rank, step, micro])
+        return self._windows(self.train, rng, self.micro_batch_size)
+
+    def val_batch(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        # Validation batches are the same for every evaluation; ranks split them.
+        rng = np.random.default_rng([self.seed, 10**6 + i * self.world_size + self.rank])
+        return self._windows(self.val, rng, self.micro_batch_size)

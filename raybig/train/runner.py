@@ -1,0 +1,183 @@
+"""Driver side of a train job: TorchTrainer setup, progress, run records."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from raybig import storage
+from raybig.spec import freeze, spec_hash
+from raybig.spec.models import TrainSpec
+
+METRICS_FILE = "metrics.jsonl"
+SPEC_FILE = "spec.yaml"
+
+
+def run_dir_of(spec: TrainSpec) -> str:
+    return storage.join(spec.storage.path, spec.name)
+
+
+@dataclass
+class TrainResult:
+    run_dir: str
+    metrics: dict[str, Any]
+    history: list[dict[str, Any]] = field(default_factory=list)
+    checkpoint: str | None = None
+    resumed_from_step: int | None = None
+    export_dir: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"run_dir": self.run_dir, "metrics": self.metrics, "checkpoint": self.checkpoint,
+                "export_dir": self.export_dir, "resumed_from_step": self.resumed_from_step}
+
+
+class _RayReporter:
+    """Reporter for the loop inside a Ray Train worker."""
+
+    def __init__(self, queue: Any):
+        import ray.train
+
+        ctx = ray.train.get_context()
+        self.rank, self.world_size = ctx.get_world_rank(), ctx.get_world_size()
+        self.queue = queue
+
+    @contextlib.contextmanager
+    def resume_dir(self) -> Iterator[str | None]:
+        import ray.train
+
+        ckpt = ray.train.get_checkpoint()
+        if ckpt is None:
+            yield None
+            return
+        with ckpt.as_directory() as d:
+            yield d
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: str | None = None) -> None:
+        import ray.train
+
+        if self.rank == 0 and self.queue is not None:
+            with contextlib.suppress(Exception):  # progress is best-effort; never block training
+                self.queue.put_nowait({**metrics, "_t": time.time()})
+        ckpt = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+        ray.train.report(metrics, checkpoint=ckpt)
+
+
+def _worker_entry(config: dict[str, Any]) -> None:
+    from raybig.train.loop import add_python_path, train_worker
+
+    add_python_path(config.get("python_path", []))
+    spec: TrainSpec = config["spec"]
+    train_worker(spec, _RayReporter(config.get("queue")), config["run_dir"], config.get("resume_from"))
+
+
+def build_trainer(spec: TrainSpec, queue: Any = None, resume_from: str | None = None,
+                  python_path: list[str] | None = None, callbacks: list[Any] | None = None,
+                  name: str | None = None, storage_path: str | None = None) -> Any:
+    """A TorchTrainer for `spec`. Re-running the same (storage, name) resumes automatically."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from raybig.ray_env import worker_env
+
+    r = spec.resources
+    use_gpu = r.gpus_per_worker > 0
+    per_worker: dict[str, float] = {"CPU": r.cpus_per_worker, **r.custom}
+    if use_gpu:
+        per_worker["GPU"] = r.gpus_per_worker
+    if r.memory_per_worker:
+        per_worker["memory"] = float(r.memory_per_worker)
+    spath, sfs = storage.ray_storage(storage_path or spec.storage.path)
+    run_name = name or spec.name
+    return TorchTrainer(
+        _worker_entry,
+        train_loop_config={"spec": spec, "queue": queue, "resume_from": resume_from,
+                           "python_path": python_path or [],
+                           "run_dir": storage.join(storage_path or spec.storage.path, run_name)},
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=r.workers, use_gpu=use_gpu, resources_per_worker=per_worker),
+        run_config=RunConfig(
+            name=run_name, storage_path=spath, storage_filesystem=sfs,
+            checkpoint_config=CheckpointConfig(num_to_keep=spec.checkpoint.keep),
+            failure_config=FailureConfig(max_failures=spec.checkpoint.max_failures,
+                                         controller_failure_limit=3),
+            worker_runtime_env={"env_vars": worker_env(use_gpu)},
+            callbacks=callbacks or [],
+        ),
+    )
+
+
+def write_run_record(spec: TrainSpec, run_dir: str) -> None:
+    """The resolved spec beside the outputs (secrets written back as ${VAR})."""
+    storage.write_text(f"{run_dir}/{SPEC_FILE}", freeze(spec))
+    storage.write_text(f"{run_dir}/run.json", json.dumps({"name": spec.name, "kind": spec.kind,
+                                                          "spec_hash": spec_hash(spec)}, indent=2))
+
+
+def run_train(spec: TrainSpec, address: str | None = None, resume_from: str | None = None,
+              on_metrics: Callable[[dict[str, Any]], None] | None = None,
+              python_path: list[str] | None = None, verbose: bool = False) -> TrainResult:
+    """Train `spec` on Ray; blocks until done. Raises on failure."""
+    import ray
+    from ray.util.queue import Queue
+
+    from raybig.ray_env import ensure_ray
+
+    r = spec.resources
+    ensure_ray(address, num_cpus=r.workers * r.cpus_per_worker + 1,
+               use_gpu=r.gpus_per_worker > 0, verbose=verbose)
+    run_dir = run_dir_of(spec)
+    write_run_record(spec, run_dir)
+    queue = Queue(maxsize=10_000, actor_options={"num_cpus": 0})
+    history: list[dict[str, Any]] = []
+    stop = threading.Event()
+    metrics_uri = f"{run_dir}/{METRICS_FILE}"
+    if storage.exists(metrics_uri):
+        history = [json.loads(line) for line in storage.read_text(metrics_uri).splitlines() if line]
+
+    def pump() -> None:
+        while not stop.is_set() or not queue.empty():
+            try:
+                m = queue.get(timeout=0.5)
+            except Exception:
+                continue
+            m.pop("_t", None)
+            history.append(m)
+            if on_metrics:
+                on_metrics(m)
+
+    pumper = threading.Thread(target=pump, daemon=True)
+    pumper.start()
+    first_step = max((h["step"] for h in history), default=0) or None
+    try:
+        trainer = build_trainer(spec, queue, resume_from, python_path=python_path or [os.getcwd()])
+        result = trainer.fit()
+    finally:
+        stop.set()
+        pumper.join(timeout=5)
+        with contextlib.suppress(Exception):
+            queue.shutdown()
+        # Keep the history; a resumed run appends to it.
+        storage.write_text(metrics_uri, "".join(json.dumps(h) + "\n" for h in _dedupe(history)))
+    if result.error is not None:
+        raise result.error
+    ckpt = result.checkpoint.path if result.checkpoint else None
+    merged: dict[str, Any] = {}
+    for h in _dedupe(history):
+        merged.update(h)
+    export = f"{run_dir}/export" if storage.exists(f"{run_dir}/export/config.json") else None
+    _ = ray
+    return TrainResult(run_dir, merged, _dedupe(history), ckpt, first_step, export)
+
+
+def _dedupe(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One record per step (a resumed run re-reports steps after its checkpoint); last one wins."""
+    by_step: dict[int, dict[str, Any]] = {}
+    for h in history:
+        by_step.setdefault(h["step"], {}).update(h)
+    return [by_step[s] for s in sorted(by_step)]
