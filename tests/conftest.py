@@ -1,0 +1,43 @@
+"""Shared fixtures: one real embedded Ray per test session, with the dashboard on.
+
+The dashboard is needed by Train's placement-group cleaner (Tune early stopping) and the Jobs API.
+Tests never call `ray stop`; every cluster they start, they stop by PID.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "60")
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """A real local Ray (4 logical CPUs on the 2-core CI box: a Tune driver plus 2 workers fit)."""
+    import ray
+
+    from raybig.ray_env import ensure_ray
+
+    info = ensure_ray(num_cpus=4, dashboard=True)
+    yield info
+    ray.shutdown()
+
+
+@pytest.fixture
+def storage_dir(tmp_path):
+    return str(tmp_path / "runs")
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords and not torch.cuda.is_available():
+            item.add_marker(skip_gpu)
