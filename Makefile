@@ -1,0 +1,35 @@
+# Fresh machine: `make quickstart` (set up + train the quickstart job) or `make test` (set up + whole suite).
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# CPU machines get the pinned CPU wheel (an unpinned torch pulls GBs of CUDA wheels).
+# GPU machines: `make setup TORCH_SPEC=` keeps the torch you installed yourself.
+TORCH_SPEC ?= torch==2.13.0
+export DS_ACCELERATOR ?= cpu
+
+.PHONY: setup quickstart test test-fast lint bench clean
+
+$(BIN)/raybig: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	@if [ -n "$(TORCH_SPEC)" ]; then $(BIN)/pip install -q "$(TORCH_SPEC)"; fi
+	$(BIN)/pip install -q -e ".[dev]" $(if $(TORCH_SPEC),"$(TORCH_SPEC)",)
+	touch $@
+
+setup: $(BIN)/raybig
+
+quickstart: setup
+	$(BIN)/raybig run jobs/quickstart.yaml
+
+test: setup
+	bash scripts/system-deps.sh
+	$(BIN)/pytest -q -rs --durations=25 tests
+
+test-fast: setup
+	$(BIN)/pytest -q -m "unit" tests
+
+lint: setup
+	$(BIN)/ruff check raybig tests benchmarks
+
+clean:
+	rm -rf runs .pytest_cache
