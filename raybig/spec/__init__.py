@@ -108,9 +108,17 @@ def _short(v: Any) -> str:
     return r if len(r) <= 60 else r[:57] + "..."
 
 
+# Names users bring from other tools -> our field, so "did you mean" can bridge them.
+ALIASES = {"learning_rate": "lr", "batch_size": "micro_batch_size", "micro_batch": "micro_batch_size",
+           "gradient_accumulation_steps": "grad_accum", "num_workers": "workers", "stage": "zero_stage",
+           "max_steps": "steps", "warmup": "warmup_steps", "epochs": "steps", "zero": "zero_stage"}
+
+
 def _did_you_mean(word: str, candidates: list[str]) -> str:
-    close = difflib.get_close_matches(word, candidates, n=1, cutoff=0.6)
-    return f"; did you mean {close[0]!r}?" if close else ""
+    pool = {c: c for c in candidates}
+    pool.update({a: f for a, f in ALIASES.items() if f in candidates})
+    close = difflib.get_close_matches(word, list(pool), n=1, cutoff=0.6)
+    return f"; did you mean {pool[close[0]]!r}?" if close else ""
 
 
 def _model_at(model: type[BaseModel], path: Path) -> type[BaseModel] | None:

@@ -130,7 +130,8 @@ class TrainLoopSpec(Strict):
     grad_accum: int = Field(1, ge=1, le=4096, description="Micro steps per optimizer step.")
     lr: float = Field(3e-4, gt=0.0, le=10.0, description="Peak learning rate.")
     min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0, description="Cosine floor as a fraction of lr.")
-    warmup_steps: int = Field(20, ge=0, description="Linear warmup steps.")
+    warmup_steps: int | None = Field(None, ge=0, description="Linear warmup steps "
+                                     "(default: min(20, steps // 10)).")
     weight_decay: float = Field(0.1, ge=0.0, le=1.0, description="AdamW weight decay.")
     betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas.")
     grad_clip: float = Field(1.0, ge=0.0, description="Clip gradient norm (0 = off).")
@@ -148,9 +149,13 @@ class TrainLoopSpec(Strict):
 
     @model_validator(mode="after")
     def _check(self) -> TrainLoopSpec:
-        if self.warmup_steps >= self.steps and self.steps > 1:
+        if self.warmup_steps is not None and self.warmup_steps >= self.steps and self.steps > 1:
             raise at("warmup_steps", f"warmup_steps={self.warmup_steps} must be below steps={self.steps}")
         return self
+
+    @property
+    def warmup(self) -> int:
+        return min(20, self.steps // 10) if self.warmup_steps is None else self.warmup_steps
 
 
 # --- deepspeed ---------------------------------------------------------------------------------

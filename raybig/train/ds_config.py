@@ -42,7 +42,7 @@ def _generated(spec: TrainSpec, on_cuda: bool | None) -> dict[str, Any]:
         "optimizer": {"type": "AdamW", "params": opt_params},
         "scheduler": {"type": "WarmupCosineLR", "params": {
             "total_num_steps": t.steps,
-            "warmup_num_steps": t.warmup_steps,
+            "warmup_num_steps": t.warmup,
             "warmup_type": "linear",
             "warmup_min_ratio": 0.0,
             "cos_min_ratio": t.min_lr_ratio,

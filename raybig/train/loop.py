@@ -215,9 +215,9 @@ def _local_copy(uri: str) -> Iterator[str]:
 def lr_at(spec: TrainSpec, step: int) -> float:
     """The schedule DeepSpeed's WarmupCosineLR follows (for docs and tests)."""
     t = spec.train
-    if step < t.warmup_steps:
-        return t.lr * step / max(1, t.warmup_steps)
-    frac = (step - t.warmup_steps) / max(1, t.steps - t.warmup_steps)
+    if step < t.warmup:
+        return t.lr * step / max(1, t.warmup)
+    frac = (step - t.warmup) / max(1, t.steps - t.warmup)
     return t.lr * (t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * frac)))
 
 
