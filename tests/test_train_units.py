@@ -7,7 +7,7 @@ import torch
 
 from raybig.spec import load_spec_text
 from raybig.train.build import build_model, gpt_config
-from raybig.train.data import Batches, decode, encode
+from raybig.train.data import Batches, decode, encode, read_corpus
 from raybig.train.ds_config import build_ds_config, resolve_precision
 from raybig.train.memory import count_params, model_state_bytes
 from raybig.train.model import GPT, GPTConfig, flops_per_token
@@ -106,8 +106,9 @@ def test_flops_per_token_by_hand():
 
 def test_data_deterministic_and_disjoint():
     s = spec()
-    b0 = Batches.build(s.data, 4, seed=1, rank=0, world_size=2)
-    b1 = Batches.build(s.data, 4, seed=1, rank=1, world_size=2)
+    tokens = read_corpus(s.data)
+    b0 = Batches.build(s.data, 4, seed=1, rank=0, world_size=2, tokens=tokens)
+    b1 = Batches.build(s.data, 4, seed=1, rank=1, world_size=2, tokens=tokens)
     again = Batches.build(s.data, 4, seed=1, rank=0, world_size=2)
     assert torch.equal(b0.train_batch(5, 0)[0], again.train_batch(5, 0)[0])
     assert not torch.equal(b0.train_batch(5, 0)[0], b0.train_batch(6, 0)[0])
