@@ -14,7 +14,7 @@ from raybig import __version__
 from raybig.spec import SpecError, load_spec
 
 console = Console(stderr=True, highlight=False)
-out = Console(highlight=False)
+out = Console(highlight=False, soft_wrap=True)
 
 EXIT_SPEC = 2
 
@@ -55,6 +55,10 @@ def main() -> None:
 
 
 def _load(path: str, overrides: tuple[str, ...]) -> Any:
+    from raybig.train.loop import add_python_path
+
+    # Plug-in models (`model.target`) import from the working directory and the spec's folder.
+    add_python_path([os.getcwd(), os.path.dirname(os.path.abspath(path))])
     return load_spec(path, list(overrides))
 
 

@@ -7,9 +7,7 @@ benchmark) supplies rank, the checkpoint to resume from, and where reports go.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
-import os
 import resource
 import sys
 import tempfile
@@ -116,6 +114,8 @@ def train_worker(spec: TrainSpec, rep: Reporter, run_dir: str | None,
     batches = Batches.build(spec.data, t.micro_batch_size, spec.seed, rep.rank, rep.world_size)
     tokens_per_step = t.micro_batch_size * t.grad_accum * spec.data.seq_len * rep.world_size
     last: dict[str, Any] = {"step": step}
+    # Tell the first report after a restore where training picked up (tests and `status` read it).
+    pending: dict[str, Any] = {"restored_step": step} if resume is not None else {}
     if step == 0:
         last = {"step": 0, "val_loss": evaluate(engine, batches, t.eval_batches, device)}
         rep.report(last)
@@ -151,6 +151,9 @@ def train_worker(spec: TrainSpec, rep: Reporter, run_dir: str | None,
                        "peak_mem_bytes": int(peak)}
             window_loss.zero_()
             window_steps, window_time = 0, 0.0
+        if pending and metrics:
+            metrics.update(pending)
+            pending = {}
         if step % t.eval_every == 0 or done:
             metrics.setdefault("step", step)
             metrics["val_loss"] = evaluate(engine, batches, t.eval_batches, device)
@@ -226,9 +229,3 @@ def add_python_path(paths: list[str]) -> None:
         if p and p not in sys.path:
             sys.path.insert(0, p)
 
-
-def dump_json(obj: Any) -> str:
-    return json.dumps(obj, default=str)
-
-
-_ = os  # keep import for subprocess-launched benchmark helpers
