@@ -107,3 +107,4 @@ def run(spec_path: str, overrides: tuple[str, ...], address: str | None, resume_
 
 if __name__ == "__main__":  # pragma: no cover
     main()
+from raybig import cli_jobs  # noqa: E402,F401  (submit, status, logs, stop, list, queue, cluster)

@@ -16,4 +16,8 @@ def run_spec(spec: Any, address: str | None = None, resume_from: str | None = No
 
         return run_train_with_progress(spec, address=address, resume_from=resume_from, quiet=as_json,
                                        python_path=python_path, verbose=verbose)
+    if spec.kind == "probe":
+        from raybig.scheduler.probe import run_probe
+
+        return run_probe(spec, address=address)
     raise NotImplementedError(f"kind {spec.kind!r} has no runner yet")

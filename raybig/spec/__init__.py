@@ -162,3 +162,9 @@ def spec_hash(spec: BaseModel) -> str:
     """Stable content hash of the resolved spec (first 12 hex chars of sha256)."""
     blob = json.dumps(spec.model_dump(mode="json"), sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:12]
+
+
+# Kinds defined outside models.py register themselves here (one line each).
+from raybig.scheduler.probe import ProbeSpec  # noqa: E402
+
+KINDS.setdefault("probe", ProbeSpec)

@@ -1,0 +1,249 @@
+"""Cluster commands: submit, status, logs, stop, list, queue and `cluster up/status/down`.
+
+Thin over `raybig.scheduler.client` (Jobs API) and `raybig.cluster_local`. Cluster problems
+(unreachable, auth, unknown job) are one line and exit 3; a bad spec is exit 2 before anything
+reaches the cluster.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from raybig.cli import UserError, _load, console, main, out, set_option
+from raybig.jobs_client import ClusterError
+
+address_option = click.option("--address", default=None, metavar="URL",
+                              help="Jobs API URL (default: $RAY_ADDRESS, then `raybig cluster up`'s).")
+
+
+def one_line(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """ClusterError -> UserError, so the group prints one line and exits with its code."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except ClusterError as e:
+            raise UserError(str(e), e.code) from None
+
+    return wrapper
+
+
+def _ago(t: float) -> str:
+    s = max(0, int(time.time() - t))
+    return f"{s}s" if s < 120 else f"{s // 60}m" if s < 7200 else f"{s // 3600}h"
+
+
+def _progress(m: dict[str, Any]) -> str:
+    if not m:
+        return ""
+    parts = [f"step {m['step']}"] if "step" in m else []
+    for k in ("loss", "val_loss"):
+        if isinstance(m.get(k), int | float):
+            parts.append(f"{k} {m[k]:.3f}")
+    if isinstance(m.get("tokens_per_s"), int | float):
+        parts.append(f"{m['tokens_per_s']:.0f} tok/s")
+    return ", ".join(parts)
+
+
+@main.command()
+@click.argument("spec_path", metavar="SPEC")
+@set_option
+@address_option
+@click.option("--priority", type=int, default=None, help="Override the spec's priority (higher first).")
+@click.option("-f", "--follow", is_flag=True, help="Stream the job's logs until it ends.")
+@click.option("--python", default=None, metavar="PATH",
+              help="Interpreter on the cluster (default: the one Ray itself runs under).")
+@one_line
+def submit(spec_path: str, overrides: tuple[str, ...], address: str | None, priority: int | None,
+           follow: bool, python: str | None) -> None:
+    """Validate SPEC locally, then queue it on a Ray cluster."""
+    from raybig.scheduler import client
+
+    if priority is not None:
+        overrides = (*overrides, f"priority={priority}")
+    spec = _load(spec_path, overrides)  # a bad spec stops here (exit 2)
+    if spec.kind == "serve":
+        raise UserError("kind: serve cannot be submitted as a queued job yet; deploy it with `raybig serve`")
+    job_id, url = client.submit(spec, os.path.dirname(os.path.abspath(spec_path)), address, python=python)
+    console.print(f"[green]submitted[/green] {job_id} to {url} (priority {getattr(spec, 'priority', 0)})")
+    out.print(job_id)
+    if follow:
+        status = client.follow(job_id, url)
+        console.print(f"{job_id}: {status}")
+        if status != "SUCCEEDED":
+            sys.exit(1)
+
+
+@main.command()
+@click.argument("job_id", metavar="JOB", required=False)
+@address_option
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@one_line
+def status(job_id: str | None, address: str | None, as_json: bool) -> None:
+    """State, queue position, why it waits, progress (one job, or all active ones)."""
+    from raybig.scheduler import client
+
+    if not job_id:
+        _table(client.list_views(address), as_json)
+        return
+    v = client.get_view(job_id, address)
+    if as_json:
+        out.print_json(json.dumps(v.to_json()))
+        return
+    out.print(f"{v.job_id}  {v.name}  [bold]{v.state}[/bold]  priority {v.priority}  "
+              f"submitted {_ago(v.submitted_at)} ago")
+    if v.position:
+        out.print(f"  queue position {v.position}: {v.reason or 'waiting'}")
+    if v.attempt:
+        out.print(f"  attempt {v.attempt}")
+    if v.metrics:
+        out.print(f"  progress: {_progress(v.metrics)}")
+    if v.error:
+        out.print(f"  error: {v.error}")
+
+
+@main.command()
+@click.argument("job_id", metavar="JOB")
+@address_option
+@click.option("-f", "--follow", is_flag=True, help="Keep streaming until the job ends.")
+@one_line
+def logs(job_id: str, address: str | None, follow: bool) -> None:
+    """Print a job's logs."""
+    from raybig.scheduler import client
+
+    if follow:
+        client.follow(job_id, address)
+    else:
+        sys.stdout.write(client.logs(job_id, address))
+
+
+@main.command()
+@click.argument("job_id", metavar="JOB")
+@address_option
+@one_line
+def stop(job_id: str, address: str | None) -> None:
+    """Stop a queued or running job (its workers and reservations are freed)."""
+    from raybig.scheduler import client
+
+    st = client.stop(job_id, address)
+    out.print(f"{job_id}: {st or 'stopping'}")
+
+
+def _table(views: list[Any], as_json: bool) -> None:
+    if as_json:
+        out.print_json(json.dumps([v.to_json() for v in views]))
+        return
+    if not views:
+        out.print("no jobs")
+        return
+    from rich.table import Table
+
+    t = Table(box=None, pad_edge=False)
+    for c in ("JOB", "NAME", "STATE", "PRI", "POS", "AGE", "DETAIL"):
+        t.add_column(c)
+    for v in views:
+        detail = v.reason if v.state in ("QUEUED", "PENDING") else v.error or _progress(v.metrics)
+        t.add_row(v.job_id, v.name, v.state, str(v.priority), str(v.position or ""), _ago(v.submitted_at),
+                  detail)
+    out.print(t)
+
+
+@main.command("list")
+@address_option
+@click.option("--all", "include_all", is_flag=True, help="Include finished and non-raybig jobs.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@one_line
+def list_cmd(address: str | None, include_all: bool, as_json: bool) -> None:
+    """Active raybig jobs (--all: every job in Ray's job table)."""
+    from raybig.scheduler import client
+
+    _table(client.list_views(address, include_all=include_all), as_json)
+
+
+@main.command()
+@address_option
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@one_line
+def queue(address: str | None, as_json: bool) -> None:
+    """The whole queue in order: running jobs, then waiting ones by priority and age."""
+    from raybig.scheduler import client
+
+    views = [v for v in client.list_views(address) if v.raybig]
+    _table(views, as_json)
+
+
+@main.group()
+def cluster() -> None:
+    """A local multi-node Ray cluster (head + N worker nodes) for trying the scheduler."""
+
+
+@cluster.command("up")
+@click.option("--workers", type=int, default=2, show_default=True, help="Worker nodes.")
+@click.option("--head-cpus", type=float, default=1, show_default=True)
+@click.option("--worker-cpus", type=float, default=1, show_default=True)
+@click.option("--dir", "cdir", default=None, help="State/log folder (default ~/.raybig/cluster).")
+@one_line
+def cluster_up(workers: int, head_cpus: float, worker_cpus: float, cdir: str | None) -> None:
+    """Start a head and WORKERS worker nodes as separate Ray processes; saves the address."""
+    from raybig.cluster_local import LocalCluster, default_dir, default_token_path
+    from raybig.jobs_client import save_default_address
+
+    d = str(cdir or default_dir())
+    old = LocalCluster.load(d)
+    if old and old.alive():
+        raise UserError(f"a cluster is already up at {old.address} (raybig cluster down first)")
+    c = LocalCluster(dir=d, workers=workers, head_cpus=head_cpus, worker_cpus=worker_cpus,
+                     token_path=default_token_path())
+    try:
+        c.up()
+    except (RuntimeError, TimeoutError) as e:
+        c.down()
+        raise UserError(str(e)) from None
+    save_default_address(c.address)
+    out.print(f"[green]up[/green] {c.address}: head + {workers} worker node(s); token {c.token_path}")
+
+
+@cluster.command("status")
+@click.option("--dir", "cdir", default=None)
+@one_line
+def cluster_status(cdir: str | None) -> None:
+    """Is the local cluster up, and its nodes."""
+    from raybig.cluster_local import LocalCluster
+
+    c = LocalCluster.load(cdir)
+    if not c or not c.pids:
+        raise UserError("no local cluster is up (raybig cluster up)")
+    if not c.alive():
+        raise UserError(f"the local cluster at {c.address} is partly or fully down ({c.dir}); "
+                        "run `raybig cluster down` then `up`")
+    nodes = c.nodes()
+    out.print(f"{c.address}: {len(nodes)} node(s) alive")
+    for n in nodes:
+        r = n.get("raylet", {})
+        res = r.get("resourcesTotal", {})
+        out.print(f"  {r.get('nodeId', '?')[:12]} {'head' if r.get('isHeadNode') else 'worker'} "
+                  f"CPU {res.get('CPU', 0):g}")
+
+
+@cluster.command("down")
+@click.option("--dir", "cdir", default=None)
+@one_line
+def cluster_down(cdir: str | None) -> None:
+    """Stop the local cluster's processes (by PID; never `ray stop`)."""
+    from raybig.cluster_local import LocalCluster
+
+    c = LocalCluster.load(cdir)
+    if not c or not c.pids:
+        out.print("no local cluster is up")
+        return
+    c.down()
+    out.print(f"down: {c.address}")

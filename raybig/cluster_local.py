@@ -1,0 +1,220 @@
+"""A real local multi-node Ray cluster: a head and N worker nodes, each its own `ray start --block`.
+
+Every process gets explicit ports (so clusters never clash with each other or with an embedded Ray),
+the dashboard binds 127.0.0.1, token auth is on, and everything is stopped by PID (never `ray stop`).
+State (PIDs, ports, address) is kept in `<dir>/cluster.json` so `status`/`down` work from a new shell.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from raybig.ray_env import free_port
+
+
+def default_dir() -> pathlib.Path:
+    return pathlib.Path(os.environ.get("RAYBIG_HOME", str(pathlib.Path.home() / ".raybig"))) / "cluster"
+
+
+def default_token_path() -> str:
+    """Where Ray itself looks for the token (so `ray job ...` and raybig both find it)."""
+    return os.environ.get("RAY_AUTH_TOKEN_PATH") or str(pathlib.Path.home() / ".ray" / "auth_token")
+
+
+def _ray_bin() -> str:
+    return str(pathlib.Path(sys.executable).parent / "ray")
+
+
+def _port_range(n: int = 60) -> tuple[int, int]:
+    """A block of worker ports unlikely to collide (free at the moment we look)."""
+    import random
+    import socket
+
+    for _ in range(50):
+        lo = random.randrange(20000, 60000 - n)
+        ok = True
+        for p in (lo, lo + n // 2, lo + n - 1):
+            with socket.socket() as s:
+                try:
+                    s.bind(("127.0.0.1", p))
+                except OSError:
+                    ok = False
+        if ok:
+            return lo, lo + n - 1
+    raise RuntimeError("no free port range")
+
+
+@dataclass
+class LocalCluster:
+    dir: str
+    workers: int = 2
+    head_cpus: float = 1
+    worker_cpus: float = 1
+    worker_resources: dict[str, float] = field(default_factory=dict)
+    head_resources: dict[str, float] = field(default_factory=dict)
+    env: dict[str, str] = field(default_factory=dict)
+    pids: list[int] = field(default_factory=list)
+    gcs_port: int = 0
+    dashboard_port: int = 0
+    token_path: str = ""
+
+    @property
+    def address(self) -> str:
+        return f"http://127.0.0.1:{self.dashboard_port}"
+
+    @property
+    def gcs_address(self) -> str:
+        return f"127.0.0.1:{self.gcs_port}"
+
+    def _env(self) -> dict[str, str]:
+        env = {**os.environ, **self.env, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": self.token_path}
+        env.pop("RAY_AUTH_TOKEN", None)
+        env.pop("RAY_ADDRESS", None)
+        # The job supervisor inherits this PATH: put this interpreter first, like an activated venv.
+        env["PATH"] = f"{pathlib.Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+        return env
+
+    def _common(self, cpus: float, resources: dict[str, float]) -> list[str]:
+        lo, hi = _port_range()
+        args = ["--block", f"--num-cpus={int(cpus)}", "--num-gpus=0",
+                f"--min-worker-port={lo}", f"--max-worker-port={hi}",
+                f"--node-manager-port={free_port()}", f"--object-manager-port={free_port()}",
+                f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}",
+                f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+                "--object-store-memory=200000000", "--disable-usage-stats"]
+        if resources:
+            args.append(f"--resources={json.dumps(resources)}")
+        return args
+
+    def _spawn(self, args: list[str], log: str) -> int:
+        f = open(pathlib.Path(self.dir) / log, "ab")  # noqa: SIM115 - kept open for the child
+        p = subprocess.Popen([_ray_bin(), "start", *args], stdout=f, stderr=subprocess.STDOUT,
+                             env=self._env(), start_new_session=True)
+        self.pids.append(p.pid)
+        return p.pid
+
+    def up(self, timeout: float = 90) -> LocalCluster:
+        d = pathlib.Path(self.dir)
+        d.mkdir(parents=True, exist_ok=True)
+        if not self.token_path:
+            self.token_path = str(d / "auth_token")
+        if not pathlib.Path(self.token_path).exists():
+            pathlib.Path(self.token_path).parent.mkdir(parents=True, exist_ok=True)
+            pathlib.Path(self.token_path).write_text(secrets.token_hex(32))
+            os.chmod(self.token_path, 0o600)
+        self.gcs_port, self.dashboard_port = free_port(), free_port()
+        temp = str(d / "tmp")
+        self._spawn(["--head", f"--port={self.gcs_port}", "--node-ip-address=127.0.0.1",
+                     "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}",
+                     f"--ray-client-server-port={free_port()}", f"--temp-dir={temp}",
+                     *self._common(self.head_cpus, self.head_resources)], "head.log")
+        self._wait_http(timeout)
+        for i in range(self.workers):
+            self._spawn([f"--address={self.gcs_address}", "--node-ip-address=127.0.0.1",
+                         *self._common(self.worker_cpus, self.worker_resources)], f"worker{i}.log")
+        self.save()
+        self.wait_nodes(1 + self.workers, timeout)
+        return self
+
+    def _wait_http(self, timeout: float) -> None:
+        import urllib.request
+
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if any(self._dead()):
+                raise RuntimeError(f"ray head exited; see {self.dir}/head.log")
+            try:
+                urllib.request.urlopen(self._req("/api/version"), timeout=2).read()
+                return
+            except Exception:  # noqa: BLE001 - not up yet
+                time.sleep(0.5)
+        raise TimeoutError(f"dashboard at {self.address} did not come up in {timeout}s")
+
+    def _req(self, path: str) -> Any:
+        import urllib.request
+
+        tok = pathlib.Path(self.token_path).read_text().strip()
+        return urllib.request.Request(f"{self.address}{path}", headers={"Authorization": f"Bearer {tok}"})
+
+    def nodes(self) -> list[dict[str, Any]]:
+        """Alive nodes, via the dashboard (token-authenticated HTTP)."""
+        import urllib.request
+
+        data = json.loads(urllib.request.urlopen(self._req("/nodes?view=summary"), timeout=5).read())
+        summary = data.get("data", {}).get("summary", [])
+        return [n for n in summary if n.get("raylet", {}).get("state") == "ALIVE"]
+
+    def wait_nodes(self, n: int, timeout: float = 90) -> None:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            try:
+                if len(self.nodes()) >= n:
+                    return
+            except Exception:  # noqa: BLE001
+                pass
+            time.sleep(0.5)
+        raise TimeoutError(f"only some of {n} nodes came up; see {self.dir}/*.log")
+
+    def _dead(self) -> list[int]:
+        out = []
+        for pid in self.pids:
+            try:
+                os.kill(pid, 0)
+                if _is_zombie(pid):
+                    out.append(pid)
+            except ProcessLookupError:
+                out.append(pid)
+        return out
+
+    def alive(self) -> bool:
+        return bool(self.pids) and not self._dead()
+
+    def down(self, timeout: float = 30) -> None:
+        """SIGTERM each `ray start --block` (it stops its own children), workers first, then the head."""
+        for pid in reversed(self.pids):
+            try:
+                os.killpg(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        deadline = time.time() + timeout
+        while time.time() < deadline and len(self._dead()) < len(self.pids):
+            time.sleep(0.3)
+        for pid in self.pids:
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        for pid in self.pids:
+            try:
+                os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                pass
+        self.pids = []
+        self.save()
+
+    def save(self) -> None:
+        (pathlib.Path(self.dir) / "cluster.json").write_text(json.dumps(asdict(self), indent=2))
+
+    @staticmethod
+    def load(dir: str | None = None) -> LocalCluster | None:
+        f = pathlib.Path(dir or default_dir()) / "cluster.json"
+        if not f.exists():
+            return None
+        return LocalCluster(**json.loads(f.read_text()))
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] == "Z"
+    except OSError:
+        return False

@@ -1,0 +1,1 @@
+"""raybig job scheduler: priority queue, gang admission, retries, on top of Ray Jobs."""

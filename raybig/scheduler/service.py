@@ -1,0 +1,162 @@
+"""The scheduling component: one detached, named, restartable Ray actor on the cluster.
+
+Why this shape (and where the durable state lives):
+- Every raybig job *is* a Ray job, submitted at once through the Jobs API. Its entrypoint is a light
+  "holder" (`raybig.entrypoint`) that reserves 0 CPU in Ray while it waits, asks this actor for
+  admission, then runs the spec in the same process. So Ray's job table is the queue: each entry's
+  metadata (priority, submit time, gang demand, user) is written once at submission and survives
+  the CLI exiting and this actor dying. `ray job list` / `ray job stop` see and stop raybig jobs.
+- This actor's own state is soft and rebuilt: after a restart it re-reads the job table and waits
+  (up to `recover_s`) until every holder whose Ray job is RUNNING has heartbeated and said whether
+  it was already admitted. Only then does it decide again, so nothing runs twice and the order holds.
+  No second store is needed.
+- Holders heartbeat every `HEARTBEAT_S`; a holder whose Ray job ended (stopped, crashed) is dropped on
+  the next tick, which frees its reservation.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from typing import Any
+
+import ray
+
+from raybig.scheduler.meta import ACTOR_NAME, NAMESPACE, is_raybig, job_from_metadata
+from raybig.scheduler.policy import Decision, Demand, Job, Node, decide
+
+TICK_S = float(os.environ.get("RAYBIG_SCHED_TICK_S", "0.5"))
+RECOVER_S = float(os.environ.get("RAYBIG_SCHED_RECOVER_S", "20"))
+STALE_S = 15.0
+
+
+def _quotas() -> dict[str, dict[str, float]]:
+    raw = os.environ.get("RAYBIG_QUOTAS", "")
+    return json.loads(raw) if raw else {}
+
+
+@ray.remote(num_cpus=0, max_restarts=-1, max_concurrency=32)
+class RaybigScheduler:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._regs: dict[str, dict[str, Any]] = {}  # job_id -> {phase, admitted, job, seen}
+        self._done: set[str] = set()  # released, but Ray still shows the job RUNNING while it exits
+        self._decision = Decision()
+        self._started = time.time()
+        self._recovering = True
+        self._ticks = 0
+        self._last_error = ""
+        threading.Thread(target=self._loop, daemon=True).start()
+
+    # --- called by holders ------------------------------------------------------------------
+    def heartbeat(self, job_id: str, phase: str, job: dict[str, Any]) -> dict[str, Any]:
+        """phase: waiting (asks to start) | running (already admitted) | backoff (retry pause)."""
+        with self._lock:
+            r = self._regs.setdefault(job_id, {"admitted": False})
+            r.update(phase=phase, seen=time.time(), job=job)
+            if phase == "running":
+                r["admitted"] = True  # a holder that says it runs was admitted (maybe before a restart)
+            elif phase == "backoff":
+                r["admitted"] = False
+            return {"admitted": bool(r["admitted"]), "reason": self._decision.reasons.get(job_id, "in queue"),
+                    "position": self._decision.positions.get(job_id), "recovering": self._recovering}
+
+    def release(self, job_id: str) -> None:
+        with self._lock:
+            self._regs.pop(job_id, None)
+            self._done.add(job_id)
+
+    def snapshot(self) -> dict[str, Any]:
+        with self._lock:
+            return {"regs": {k: {"phase": v.get("phase"), "admitted": v.get("admitted")}
+                             for k, v in self._regs.items()},
+                    "reasons": dict(self._decision.reasons), "positions": dict(self._decision.positions),
+                    "ticks": self._ticks, "recovering": self._recovering, "started": self._started,
+                    "pid": os.getpid(), "last_error": self._last_error}
+
+    # --- the loop -----------------------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            try:
+                self.tick()
+            except Exception as e:  # noqa: BLE001 - a bad tick must not kill the scheduler
+                self._last_error = f"{type(e).__name__}: {e}"
+            time.sleep(TICK_S)
+
+    def tick(self) -> None:
+        table = _job_table()
+        with self._lock:
+            alive = {jid: md for jid, (status, md) in table.items()
+                     if status in ("PENDING", "RUNNING") and jid not in self._done}
+            self._done &= {jid for jid, (status, _) in table.items() if status in ("PENDING", "RUNNING")}
+            now = time.time()
+            for jid in list(self._regs):
+                if jid in table and jid not in alive:  # the Ray job ended: free its reservation
+                    self._regs.pop(jid)
+                elif jid not in table and now - self._regs[jid].get("seen", now) > STALE_S:
+                    self._regs.pop(jid)  # never showed up in the job table, and went quiet
+            if self._recovering:
+                running = [j for j, (s, _) in table.items() if s == "RUNNING" and j in alive]
+                missing = [j for j in running if j not in self._regs]
+                if missing and time.time() - self._started < RECOVER_S:
+                    return
+                self._recovering = False
+            jobs = []
+            for jid, md in alive.items():
+                job = job_from_metadata(jid, md)
+                r = self._regs.get(jid)
+                if r and r.get("phase") == "backoff":
+                    continue  # a failed attempt backing off asks for nothing and blocks nobody
+                if r:
+                    job.ready = r.get("phase") == "waiting"
+                    job.admitted = bool(r.get("admitted"))
+                jobs.append(job)
+            for jid, r in self._regs.items():  # registered but not yet visible in the table
+                if jid not in alive and jid not in table and r.get("job"):
+                    jobs.append(_job_from_reg(jid, r))
+            dec = decide(jobs, _nodes(), _quotas())
+            for jid in dec.admit:
+                if jid in self._regs:
+                    self._regs[jid]["admitted"] = True
+            self._decision = dec
+            self._ticks += 1
+
+
+def _job_from_reg(jid: str, r: dict[str, Any]) -> Job:
+    j = r["job"]
+    return Job(jid, int(j["priority"]), float(j["submitted_at"]), Demand.from_json(j["demand"]),
+               j.get("user", ""), ready=r.get("phase") == "waiting", admitted=bool(r.get("admitted")))
+
+
+def _job_table() -> dict[str, tuple[str, dict[str, str]]]:
+    """submission_id -> (status, metadata) for raybig jobs, from Ray's job table (State API)."""
+    from ray.util.state import list_jobs
+
+    out = {}
+    # An explicit address: other Ray instances on the same machine must not confuse the lookup.
+    gcs = ray.get_runtime_context().gcs_address
+    for j in list_jobs(address=gcs, limit=10_000, raise_on_missing_output=False):
+        sid = getattr(j, "submission_id", None)
+        md = getattr(j, "metadata", None) or {}
+        if sid and is_raybig(md):
+            st = getattr(j, "status", "")
+            out[sid] = (str(getattr(st, "value", st)), md)
+    return out
+
+
+def _nodes() -> list[Node]:
+    # Per-node views are only exposed under ray._private.state in 2.60 (aggregate ones are public).
+    from ray._private import state
+
+    total = state.total_resources_per_node()
+    avail = state.available_resources_per_node()
+    return [Node({k: float(v) for k, v in t.items()}, {k: float(v) for k, v in avail.get(nid, {}).items()})
+            for nid, t in total.items()]
+
+
+def get_scheduler() -> Any:
+    """The cluster's scheduler actor, created on first use (and re-created after it was removed)."""
+    return RaybigScheduler.options(name=ACTOR_NAME, namespace=NAMESPACE, lifetime="detached",
+                                   get_if_exists=True).remote()
