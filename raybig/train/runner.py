@@ -156,7 +156,12 @@ def run_train(spec: TrainSpec, address: str | None = None, resume_from: str | No
     first_step = max((h["step"] for h in history), default=0) or None
     try:
         trainer = build_trainer(spec, queue, resume_from, python_path=python_path or [os.getcwd()])
-        result = trainer.fit()
+        try:
+            result = trainer.fit()
+        except SystemExit as e:
+            # Train v2's own SIGINT handler aborts the controller (stopping every worker), after
+            # which its pending ray.get exits the process with SystemExit; surface it as Ctrl-C.
+            raise KeyboardInterrupt from e
     finally:
         stop.set()
         pumper.join(timeout=5)

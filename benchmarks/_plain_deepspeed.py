@@ -1,0 +1,66 @@
+"""Plain DeepSpeed baseline, launched by torchrun: same model, data and DeepSpeed config as raybig,
+no Ray. `train_bench.py` runs it and compares; run it alone with
+`torchrun --nproc_per_node 2 benchmarks/_plain_deepspeed.py SPEC.yaml OUT.json`."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import sys
+import time
+
+T_PROCESS = time.time()
+
+import deepspeed  # noqa: E402
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+from raybig.spec import load_spec  # noqa: E402
+from raybig.train.build import build_model  # noqa: E402
+from raybig.train.data import Batches  # noqa: E402
+from raybig.train.ds_config import build_ds_config  # noqa: E402
+from raybig.train.loop import disable_shm_comm_build, param_groups  # noqa: E402
+
+
+def rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def main(spec_path: str, out: str) -> None:
+    spec = load_spec(spec_path)
+    disable_shm_comm_build()
+    deepspeed.init_distributed(dist_backend="gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    torch.manual_seed(spec.seed)
+    rss0 = rss()
+    model = build_model(spec)
+    engine, *_ = deepspeed.initialize(model=model, config=build_ds_config(spec, on_cuda=False),
+                                      model_parameters=param_groups(model, spec.train.weight_decay))
+    batches = Batches.build(spec.data, spec.train.micro_batch_size, spec.seed, rank, world)
+    times, first_step_at = [], None
+    for step in range(spec.train.steps):
+        t0 = time.perf_counter()
+        for micro in range(spec.train.grad_accum):
+            x, y = batches.train_batch(step, micro)
+            loss = engine(x, y)
+            engine.backward(loss)
+            engine.step()
+        dist.barrier()
+        times.append(time.perf_counter() - t0)
+        if first_step_at is None:
+            first_step_at = time.time()
+    rss_after = rss()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    stats = torch.tensor([float(rss_after - rss0), float(peak)])
+    dist.all_reduce(stats, op=dist.ReduceOp.MAX)
+    if rank == 0:
+        with open(out, "w") as f:
+            json.dump({"step_times": times, "first_step_after_s": first_step_at - T_PROCESS,
+                       "loss": float(loss.item()), "state_bytes": stats[0].item(),
+                       "peak_rss": stats[1].item()}, f)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])
