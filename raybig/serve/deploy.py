@@ -1,0 +1,198 @@
+"""Serve's declarative config from a `kind: serve` spec, and deploying it through the dashboard.
+
+`serve_config(spec)` -> the config dict `serve deploy` takes. `deploy(spec, dashboard)` merges the
+app into what the cluster already runs and PUTs it: redeploying the same spec is a no-op, and a
+new checkpoint changes the app's args, so Serve rolls replicas over (new ones up before old go).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+from raybig.serve.app import DEPLOYMENT, api_key_digest
+from raybig.spec.serve import ServeSpec
+from raybig.train.export import resolve_export
+
+IMPORT_PATH = "raybig.serve.app:build_app"
+STATE_FILE = os.path.expanduser("~/.raybig/serve_local.json")
+
+
+class ServeError(Exception):
+    """A deploy/status problem the user can act on (one line)."""
+
+
+def deployment_options(spec: ServeSpec) -> dict[str, Any]:
+    r = spec.resources
+    actor: dict[str, Any] = {"num_cpus": r.num_cpus}
+    if r.num_gpus:
+        actor["num_gpus"] = r.num_gpus
+    if r.memory:
+        actor["memory"] = r.memory
+    return {"max_ongoing_requests": spec.batching.ongoing,
+            "max_queued_requests": spec.batching.max_queued_requests,
+            "autoscaling_config": spec.autoscaling.to_serve(),
+            "ray_actor_options": actor}
+
+
+def app_args(spec: ServeSpec, checkpoint: str | None = None) -> dict[str, Any]:
+    """Builder args. Raises ServeError if the checkpoint has no export or the key env var is unset."""
+    try:
+        ckpt = resolve_export(checkpoint or spec.checkpoint)
+    except FileNotFoundError as e:
+        raise ServeError(f"checkpoint: {e}") from None
+    try:
+        digest = api_key_digest(spec.api_key_env)
+    except KeyError:
+        raise ServeError(f"api_key_env: environment variable {spec.api_key_env} is not set") from None
+    threads = spec.resources.torch_threads or max(1, int(spec.resources.num_cpus))
+    return {"checkpoint": ckpt, "model_name": spec.name, "quantize": spec.quantize,
+            "generation": spec.generation.model_dump(), "max_batch_size": spec.batching.batch_size,
+            "batch_wait_timeout_s": spec.batching.batch_wait_timeout_s if spec.batching.enabled else 0.0,
+            "torch_threads": threads, "api_key_sha256": digest, "deployment": deployment_options(spec)}
+
+
+def app_config(spec: ServeSpec, checkpoint: str | None = None) -> dict[str, Any]:
+    """One entry of the config's `applications` list."""
+    args = app_args(spec, checkpoint)
+    return {"name": spec.name, "route_prefix": spec.route_prefix, "import_path": IMPORT_PATH,
+            "args": args, "deployments": [{"name": DEPLOYMENT, **deployment_options(spec)}]}
+
+
+def serve_config(spec: ServeSpec, checkpoint: str | None = None) -> dict[str, Any]:
+    """The full declarative config (as `serve build` writes it) for this one app."""
+    return {"proxy_location": "EveryNode", "http_options": {"host": spec.host, "port": spec.port},
+            "applications": [app_config(spec, checkpoint)]}
+
+
+def dashboard_address(address: str | None = None) -> str:
+    """--address, else RAY_DASHBOARD_ADDRESS, else the local `raybig run` server, else :8265."""
+    import json
+
+    if address:
+        return address if "://" in address else f"http://{address}"
+    if os.environ.get("RAY_DASHBOARD_ADDRESS"):
+        return os.environ["RAY_DASHBOARD_ADDRESS"]
+    try:
+        with open(STATE_FILE) as f:
+            return json.load(f)["dashboard"]
+    except (OSError, ValueError, KeyError):
+        return "http://127.0.0.1:8265"
+
+
+def _client(address: str | None) -> Any:
+    from ray.dashboard.modules.serve.sdk import ServeSubmissionClient
+
+    addr = dashboard_address(address)
+    token = _ray_token()
+    # The dashboard wants Ray's token when the cluster has auth on; send it ourselves, since the SDK
+    # only adds it when this process was started in token mode.
+    headers = {"Authorization": f"Bearer {token}"} if token else None
+    try:
+        return ServeSubmissionClient(addr, headers=headers)
+    except Exception as e:  # connection refused, auth, version: one line for the user
+        raise ServeError(f"cannot reach the Ray dashboard at {addr}: {str(e).splitlines()[0]}") from None
+
+
+def _ray_token() -> str | None:
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return os.environ["RAY_AUTH_TOKEN"].strip()
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH") or os.path.expanduser("~/.ray/auth_token")
+    try:
+        with open(path) as f:
+            return f.read().strip() or None
+    except OSError:
+        return None
+
+
+def _current(client: Any) -> dict[str, Any]:
+    details = client.get_serve_details()
+    apps = []
+    for name, app in (details.get("applications") or {}).items():
+        cfg = app.get("deployed_app_config")
+        if cfg and app.get("status") != "DELETING":
+            apps.append({**cfg, "name": name})
+    return {"http_options": details.get("http_options"), "applications": apps}
+
+
+def deploy_config(app: dict[str, Any], address: str | None = None,
+                  http_options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Add or replace one app in the cluster's declarative Serve config, keeping the others."""
+    client = _client(address)
+    cur = _current(client)
+    apps = [a for a in cur["applications"] if a["name"] != app["name"]]
+    clash = [a["name"] for a in apps if a.get("route_prefix") == app["route_prefix"]]
+    if clash:
+        raise ServeError(f"route_prefix {app['route_prefix']!r} is already used by app {clash[0]!r}")
+    http = {k: v for k, v in (cur.get("http_options") or http_options or {}).items()
+            if k in ("host", "port")}
+    config = {"http_options": http, "applications": [*apps, app]}
+    client.deploy_applications(config)
+    return config
+
+
+def deploy(spec: ServeSpec, address: str | None = None, checkpoint: str | None = None) -> dict[str, Any]:
+    """Deploy `spec` on the cluster behind the dashboard `address` (library entry for `raybig submit`)."""
+    return deploy_config(app_config(spec, checkpoint), address, {"host": spec.host, "port": spec.port})
+
+
+def delete_app(name: str | None, address: str | None = None) -> list[str]:
+    """Remove one app (or all when name is None); returns the names removed."""
+    client = _client(address)
+    cur = _current(client)
+    names = [a["name"] for a in cur["applications"]]
+    if name is None:
+        client.delete_applications()
+        return names
+    if name not in names:
+        raise ServeError(f"no Serve application named {name!r} (running: {', '.join(names) or 'none'})")
+    keep = [a for a in cur["applications"] if a["name"] != name]
+    if keep:
+        http = {k: v for k, v in (cur.get("http_options") or {}).items() if k in ("host", "port")}
+        client.deploy_applications({"http_options": http, "applications": keep})
+    else:
+        client.delete_applications()
+    return [name]
+
+
+def status(address: str | None = None) -> dict[str, Any]:
+    """Applications, their replicas by state, and autoscaling targets, as plain JSON."""
+    details = _client(address).get_serve_details()
+    http = details.get("http_options") or {}
+    apps = {}
+    for name, app in (details.get("applications") or {}).items():
+        deps = {}
+        for dname, d in (app.get("deployments") or {}).items():
+            states: dict[str, int] = {}
+            for r in d.get("replicas") or []:
+                states[r["state"]] = states.get(r["state"], 0) + 1
+            cfg = d.get("deployment_config") or {}
+            auto = cfg.get("autoscaling_config") or {}
+            deps[dname] = {"status": d.get("status"), "replicas": states,
+                           "running": states.get("RUNNING", 0), "starting": states.get("STARTING", 0),
+                           "target_replicas": d.get("target_num_replicas"),
+                           "min_replicas": auto.get("min_replicas"), "max_replicas": auto.get("max_replicas"),
+                           "target_ongoing_requests": auto.get("target_ongoing_requests"),
+                           "max_ongoing_requests": cfg.get("max_ongoing_requests")}
+        url = f"http://{http.get('host', '127.0.0.1')}:{http.get('port', 8000)}{app.get('route_prefix') or ''}"
+        apps[name] = {"status": app.get("status"), "message": app.get("message") or "",
+                      "route_prefix": app.get("route_prefix"), "url": url.rstrip("/") + "/v1",
+                      "deployments": deps}
+    return {"applications": apps}
+
+
+def wait_running(name: str, address: str | None = None, timeout_s: float = 120.0) -> dict[str, Any]:
+    """Poll until the app is RUNNING; raises ServeError on DEPLOY_FAILED or timeout."""
+    deadline = time.monotonic() + timeout_s
+    last: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        last = status(address)["applications"].get(name, {})
+        st = last.get("status")
+        if st == "RUNNING":
+            return last
+        if st in ("DEPLOY_FAILED", "UNHEALTHY"):
+            msg = (last.get("message") or "").strip().splitlines()
+            raise ServeError(f"app {name!r} {st}: {msg[-1] if msg else 'see the Serve logs'}")
+        time.sleep(0.5)
+    raise ServeError(f"app {name!r} not RUNNING after {timeout_s:.0f}s (last status {last.get('status')})")

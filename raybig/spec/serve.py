@@ -1,0 +1,154 @@
+"""`kind: serve`: deploy a raybig export behind an OpenAI-compatible, autoscaled Ray Serve app."""
+
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from raybig.spec.models import NAME_RE, Strict, at, parse_bytes
+
+ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+class ReplicaResourcesSpec(Strict):
+    """Ray resources reserved by each replica."""
+
+    num_cpus: float = Field(1.0, gt=0.0, le=1024, description="CPUs per replica (fractions allowed).")
+    num_gpus: float = Field(0.0, ge=0.0, le=16, description="GPUs per replica.")
+    memory: int | None = Field(None, description="RAM per replica, e.g. '2GiB'.")
+    torch_threads: int | None = Field(None, ge=1, le=1024, description="torch intra-op threads per "
+                                      "replica (default: max(1, num_cpus)).")
+
+    @field_validator("memory", mode="before")
+    @classmethod
+    def _mem(cls, v: object) -> int | None:
+        return None if v is None else parse_bytes(v)
+
+
+class AutoscalingSpec(Strict):
+    """Ray Serve autoscaling: replicas follow the number of ongoing requests."""
+
+    min_replicas: int = Field(1, ge=0, le=10_000, description="Fewest replicas (0 = scale to zero).")
+    max_replicas: int = Field(1, ge=1, le=10_000, description="Most replicas.")
+    initial_replicas: int | None = Field(None, ge=0, le=10_000, description="Replicas at deploy time.")
+    target_ongoing_requests: float = Field(2.0, gt=0.0, description="Ongoing requests per replica to aim for.")
+    upscale_delay_s: float = Field(30.0, ge=0.0, description="Load must stay high this long to add replicas.")
+    downscale_delay_s: float = Field(600.0, ge=0.0, description="Load must stay low this long to remove them.")
+    look_back_period_s: float = Field(30.0, gt=0.0, description="Window over which load is averaged.")
+
+    @model_validator(mode="after")
+    def _check(self) -> AutoscalingSpec:
+        if self.min_replicas > self.max_replicas:
+            raise at("min_replicas", f"min_replicas={self.min_replicas} exceeds max_replicas={self.max_replicas}")
+        if self.initial_replicas is not None and not (
+                self.min_replicas <= self.initial_replicas <= self.max_replicas):
+            raise at("initial_replicas", f"initial_replicas={self.initial_replicas} must be between "
+                     f"min_replicas={self.min_replicas} and max_replicas={self.max_replicas}")
+        return self
+
+    def to_serve(self) -> dict:
+        d = self.model_dump(exclude_none=True)
+        return d
+
+
+class BatchingSpec(Strict):
+    """Dynamic batching of concurrent requests into one forward pass (`@serve.batch`)."""
+
+    enabled: bool = Field(True, description="Batch concurrent requests (off = one request at a time).")
+    max_batch_size: int = Field(8, ge=1, le=1024, description="Most requests in one batch.")
+    batch_wait_timeout_s: float = Field(0.01, ge=0.0, le=10.0, description="Wait this long to fill a batch.")
+    max_ongoing_requests: int | None = Field(None, ge=1, le=100_000, description="Requests a replica holds at "
+                                             "once (default: 2 x max_batch_size); must be >= max_batch_size.")
+    max_queued_requests: int = Field(64, ge=-1, le=1_000_000, description="Requests waiting for a replica "
+                                     "before new ones get 503 (-1 = unbounded).")
+
+    @model_validator(mode="after")
+    def _check(self) -> BatchingSpec:
+        # Serve silently caps a batch at max_ongoing_requests, so refuse the combination.
+        if self.enabled and self.max_ongoing_requests is not None and \
+                self.max_ongoing_requests < self.max_batch_size:
+            raise at("max_ongoing_requests", f"max_ongoing_requests={self.max_ongoing_requests} is below "
+                     f"max_batch_size={self.max_batch_size}; Serve would silently cap batches at it")
+        return self
+
+    @property
+    def batch_size(self) -> int:
+        return self.max_batch_size if self.enabled else 1
+
+    @property
+    def ongoing(self) -> int:
+        if self.max_ongoing_requests is not None:
+            return self.max_ongoing_requests
+        return max(2 * self.batch_size, 4)
+
+
+class GenerationSpec(Strict):
+    """Defaults for requests that leave a parameter out, and hard limits no request may exceed."""
+
+    max_tokens: int = Field(64, ge=1, description="Default max_tokens.")
+    temperature: float = Field(1.0, ge=0.0, le=2.0, description="Default temperature.")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Default top_p.")
+    max_new_tokens: int = Field(256, ge=1, le=1_000_000, description="Hard limit on max_tokens.")
+    max_prompt_tokens: int = Field(1024, ge=1, le=1_000_000, description="Hard limit on prompt tokens.")
+    max_n: int = Field(4, ge=1, le=128, description="Hard limit on n (choices per prompt).")
+    max_prompts: int = Field(16, ge=1, le=1024, description="Hard limit on prompts per request.")
+
+    @model_validator(mode="after")
+    def _check(self) -> GenerationSpec:
+        if self.max_tokens > self.max_new_tokens:
+            raise at("max_tokens", f"default max_tokens={self.max_tokens} exceeds "
+                     f"max_new_tokens={self.max_new_tokens}")
+        return self
+
+
+class ServeSpec(Strict):
+    """Serve a trained checkpoint over an OpenAI-compatible HTTP API on Ray Serve."""
+
+    kind: Literal["serve"] = "serve"
+    name: str = Field(..., pattern=NAME_RE, description="Serve application name; also the model id.")
+    checkpoint: str = Field(..., min_length=1, description="A train run directory or its export/ directory "
+                            "(any fsspec URI).")
+    quantize: Literal["none", "int8"] = Field("none", description="int8 = dynamic int8 quantization of "
+                                              "Linear layers (CPU serving).")
+    resources: ReplicaResourcesSpec = Field(default_factory=ReplicaResourcesSpec)
+    autoscaling: AutoscalingSpec = Field(default_factory=AutoscalingSpec)
+    batching: BatchingSpec = Field(default_factory=BatchingSpec)
+    generation: GenerationSpec = Field(default_factory=GenerationSpec)
+    host: str = Field("127.0.0.1", min_length=1, description="HTTP bind address (when Serve starts).")
+    port: int = Field(8000, ge=1, le=65535, description="HTTP port (when Serve starts).")
+    route_prefix: str = Field("/", description="URL prefix of this app; the API lives at <prefix>/v1.")
+    api_key_env: str | None = Field(None, description="Name of the environment variable holding the API key "
+                                    "(the key itself never goes in the spec).")
+
+    @field_validator("route_prefix")
+    @classmethod
+    def _prefix(cls, v: str) -> str:
+        if not v.startswith("/") or (len(v) > 1 and v.endswith("/")) or not re.fullmatch(r"[\w/.-]*", v):
+            raise ValueError("must start with '/', not end with '/', and hold only letters, digits, _ . - /")
+        return v
+
+    @field_validator("api_key_env")
+    @classmethod
+    def _env(cls, v: str | None) -> str | None:
+        if v is not None and not ENV_NAME_RE.match(v):
+            raise ValueError("must be the NAME of an environment variable (e.g. RAYBIG_API_KEY), "
+                             "not the key itself")
+        return v
+
+    @field_validator("checkpoint")
+    @classmethod
+    def _ckpt(cls, v: str) -> str:
+        if v.startswith("memory://"):
+            raise ValueError("memory:// is per-process; replicas cannot read it")
+        return v
+
+
+def _register() -> None:
+    from raybig.spec.models import KINDS
+
+    KINDS.setdefault("serve", ServeSpec)
+
+
+_register()
