@@ -108,3 +108,5 @@ def run(spec_path: str, overrides: tuple[str, ...], address: str | None, resume_
 if __name__ == "__main__":  # pragma: no cover
     main()
 from raybig import cli_jobs  # noqa: E402,F401  (submit, status, logs, stop, list, queue, cluster)
+from raybig import cli_sweep  # noqa: E402,F401  (sweep report)
+from raybig import cli_serve  # noqa: E402,F401  (serve status, serve down)

@@ -20,4 +20,12 @@ def run_spec(spec: Any, address: str | None = None, resume_from: str | None = No
         from raybig.scheduler.probe import run_probe
 
         return run_probe(spec, address=address)
+    if spec.kind == "sweep":
+        from raybig.tune import run_sweep
+
+        return run_sweep(spec, address=address, python_path=python_path, quiet=as_json, verbose=verbose)
+    if spec.kind == "serve":
+        from raybig.serve.local import run_serve_cli
+
+        return run_serve_cli(spec, address=address, as_json=as_json)
     raise NotImplementedError(f"kind {spec.kind!r} has no runner yet")

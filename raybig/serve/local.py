@@ -10,7 +10,7 @@ from typing import Any
 
 from rich.console import Console
 
-from raybig.serve.deploy import STATE_FILE, dashboard_address, deploy, delete_app, wait_running
+from raybig.serve.deploy import STATE_FILE, dashboard_address, delete_app, deploy, wait_running
 from raybig.spec.serve import ServeSpec
 
 console = Console(stderr=True, highlight=False)

@@ -72,7 +72,8 @@ def validate_data(loaded: Loaded) -> Any:
                                loaded.source)])
     model = KINDS[kind]
     try:
-        return model.model_validate(data)
+        # context: kinds that reference other files (a sweep's base) resolve them beside this one.
+        return model.model_validate(data, context={"source": loaded.source, "loaded": loaded})
     except ValidationError as e:
         raise SpecError(_issues_from(e, model, loaded)) from None
 
@@ -168,3 +169,5 @@ def spec_hash(spec: BaseModel) -> str:
 from raybig.scheduler.probe import ProbeSpec  # noqa: E402
 
 KINDS.setdefault("probe", ProbeSpec)
+from raybig.spec import serve as _serve_kind  # noqa: E402,F401  (registers kind: serve)
+from raybig.spec import sweep as _sweep_kind  # noqa: E402,F401  (registers kind: sweep)
