@@ -1,0 +1,286 @@
+"""`kind: sweep`: a Ray Tune search over a base train spec, every trial a distributed DeepSpeed run.
+
+    kind: sweep
+    name: lr-bs
+    base: jobs/debug.yaml            # or an inline train spec mapping
+    search:
+      train.lr: {loguniform: [1.0e-5, 3.0e-3]}
+      train.micro_batch_size: {choice: [4, 8, 16]}
+      deepspeed.zero_stage: {grid: [2, 3]}
+
+Search keys are dotted paths into the train spec. Every sampled value goes through the train
+spec's own validation, here at validate time (each value on its own, the bounds of ranges) and
+again per trial at run time, so a bad value fails the same way it would in a train job.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any, Literal
+
+from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
+
+from raybig.spec.models import KINDS, NAME_RE, StorageSpec, Strict, TrainSpec, at
+from raybig.spec.yaml_io import Issue, SpecError
+
+DIST_KINDS = ("uniform", "loguniform", "randint", "choice", "grid", "value")
+# Paths a sweep may not vary: they name the run, not a hyperparameter.
+FROZEN_PATHS = {"kind", "name", "storage", "storage.path"}
+
+
+class Distribution(Strict):
+    """One search axis. Exactly one key; a bare scalar means a constant (`value`)."""
+
+    uniform: tuple[float, float] | None = Field(None, description="[low, high] sampled uniformly.")
+    loguniform: tuple[float, float] | None = Field(None, description="[low, high] sampled log-uniformly.")
+    randint: tuple[int, int] | None = Field(None, description="[low, high] integers, both ends included.")
+    choice: list[Any] | None = Field(None, min_length=1, description="Sampled from these values.")
+    grid: list[Any] | None = Field(None, min_length=1, description="Every value is tried (a grid axis).")
+    value: Any = Field(None, description="A constant applied to every trial.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _scalar(cls, v: Any) -> Any:
+        if not isinstance(v, dict):
+            return {"value": v}
+        return v
+
+    @model_validator(mode="after")
+    def _one(self) -> Distribution:
+        given = [k for k in DIST_KINDS if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of {', '.join(DIST_KINDS)} (got {', '.join(given) or 'none'})")
+        k = given[0]
+        if k in ("uniform", "loguniform", "randint"):
+            lo, hi = getattr(self, k)
+            if not lo < hi:
+                raise at(k, f"low must be below high (got [{lo}, {hi}])")
+            if k == "loguniform" and lo <= 0:
+                raise at(k, f"loguniform needs low > 0 (got {lo})")
+        return self
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in DIST_KINDS if getattr(self, k) is not None)
+
+    def probe_values(self) -> list[Any]:
+        """Values checked against the train spec at validate time: every listed value, range bounds."""
+        k = self.kind
+        if k in ("choice", "grid"):
+            return list(getattr(self, k))
+        if k == "value":
+            return [self.value]
+        lo, hi = getattr(self, k)
+        return [lo, hi]
+
+
+class SweepSpec(Strict):
+    """A hyperparameter sweep: Ray Tune trials, each a multi-worker DeepSpeed train run."""
+
+    kind: Literal["sweep"] = "sweep"
+    name: str = Field(..., pattern=NAME_RE, description="Sweep name; also its output directory's name.")
+    base: TrainSpec = Field(..., description="The train spec every trial starts from: an inline mapping, "
+                            "or a path to a train spec file (relative to this file).")
+    search: dict[str, Distribution] = Field(..., min_length=1, description="Dotted train-spec path -> "
+                                            "distribution (uniform, loguniform, randint, choice, grid, "
+                                            "or a constant).")
+    algorithm: Literal["random", "grid", "optuna"] = Field(
+        "random", description="random sampling (grid axes crossed), grid only, or Optuna TPE.")
+    seed: int = Field(0, ge=0, le=2**31 - 1, description="Seeds the search algorithm (reproducible sweeps).")
+    num_samples: int | None = Field(None, ge=1, le=10_000, description="Trials to run (default: the grid's "
+                                    "size for grid, 8 otherwise). Must cover the grid.")
+    max_concurrent_trials: int = Field(1, ge=1, le=1024, description="Trials running at once.")
+    metric: str = Field("val_loss", min_length=1, description="Reported metric to optimise.")
+    mode: Literal["min", "max"] = Field("min", description="Minimise or maximise `metric`.")
+    scheduler: Literal["asha", "none"] = Field("asha", description="ASHA early stopping, or none.")
+    time_attr: Literal["steps", "tokens"] = Field("steps", description="What grace_period and max_t count.")
+    grace_period: int = Field(1, ge=1, description="ASHA: steps (or tokens) every trial runs before it can "
+                              "be stopped.")
+    reduction_factor: float = Field(2.0, gt=1.0, le=100.0, description="ASHA: keep the top 1/rf at each rung.")
+    max_t: int | None = Field(None, ge=1, description="ASHA: longest a trial runs, in steps (or tokens); "
+                              "default: the base spec's steps.")
+    fixed_global_batch: bool = Field(False, description="Keep micro_batch x grad_accum x workers at the base "
+                                     "spec's value by setting grad_accum per trial (batch-size sweeps "
+                                     "compare like with like).")
+    trial_failures: int = Field(0, ge=0, le=100, description="Tune retries of a failed trial.")
+    storage: StorageSpec = Field(default_factory=StorageSpec, description="Where the sweep's directory goes.")
+    priority: int = Field(0, ge=-1000, le=1000, description="Scheduler priority (higher runs first).")
+    max_retries: int = Field(0, ge=0, le=100, description="Scheduler retries of a failed sweep job.")
+
+    @field_validator("base", mode="before")
+    @classmethod
+    def _load_base(cls, v: Any, info: ValidationInfo) -> Any:
+        if isinstance(v, str):
+            from raybig.spec import load_spec
+
+            src = (info.context or {}).get("source") if info.context else None
+            path = v
+            if "://" not in v and not os.path.isabs(v) and src and "://" not in src:
+                here = os.path.join(os.path.dirname(os.path.abspath(src)), v)
+                path = here if os.path.exists(here) or not os.path.exists(v) else v
+            if "://" not in path and not os.path.isfile(path):
+                raise ValueError(f"no train spec file at {path!r} (a relative path is read beside this file)")
+            spec = load_spec(path)  # SpecError with the base file's own lines
+            if spec.kind != "train":
+                raise ValueError(f"{v!r} is a {spec.kind!r} spec; base must be a train spec")
+            return spec
+        if isinstance(v, dict):
+            v = {"name": "trial", **v}  # trials get their own names; the base needs none
+            if v.get("kind", "train") != "train":
+                raise ValueError(f"base must be a train spec (got kind {v.get('kind')!r})")
+        return v
+
+    @model_validator(mode="after")
+    def _check(self, info: ValidationInfo) -> SweepSpec:
+        loaded = (info.context or {}).get("loaded") if info.context else None
+        issues = [Issue(("search", key, *sub), msg) for key, sub, msg in check_search(self)]
+        issues += [Issue((field,), msg) for field, msg in check_budget(self)]
+        if issues:
+            for i in issues:
+                if loaded is not None:
+                    i.line, i.source = loaded.line_of(i.path), loaded.source
+            # SpecError passes through pydantic untouched, so the search key (which holds dots) keeps
+            # its own line instead of being split at the dots by the generic re-anchoring.
+            raise SpecError(issues)
+        return self
+
+    # --- derived -------------------------------------------------------------------------------
+
+    def grid_size(self) -> int:
+        return math.prod(len(d.grid) for d in self.search.values() if d.kind == "grid")
+
+    def total_trials(self) -> int:
+        g = self.grid_size()
+        if self.algorithm == "grid":
+            return self.num_samples // g * g if self.num_samples else g
+        n = self.num_samples or 8
+        return n // g * g
+
+    def horizon(self) -> int:
+        """max_t in the unit of time_attr."""
+        if self.max_t is not None:
+            return self.max_t
+        b = self.base
+        steps = b.train.steps
+        if self.time_attr == "steps":
+            return steps
+        return steps * b.train.micro_batch_size * b.train.grad_accum * b.resources.workers * b.data.seq_len
+
+
+# --- checks ------------------------------------------------------------------------------------
+
+
+def set_path(data: dict[str, Any], path: str, value: Any) -> None:
+    node = data
+    parts = path.split(".")
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+    node[parts[-1]] = value
+
+
+def resolve_path(path: str) -> str | None:
+    """None if `path` names a train spec field (or a key under a free-form mapping); else a message."""
+    from raybig.spec import _did_you_mean
+
+    if path in FROZEN_PATHS:
+        return f"{path!r} names the run, not a hyperparameter; it cannot be searched"
+    cur: Any = TrainSpec
+    parts = path.split(".")
+    for i, part in enumerate(parts):
+        fields = getattr(cur, "model_fields", None)
+        if fields is None:
+            break
+        if part not in fields:
+            where = ".".join(parts[:i])
+            hint = _did_you_mean(part, list(fields))
+            return (f"{path!r} is not a train spec path: {where + '.' if where else ''}{part} does not "
+                    f"exist{hint or ' (allowed: ' + ', '.join(fields) + ')'}")
+        ann = fields[part].annotation
+        if isinstance(ann, type) and issubclass(ann, Strict):
+            cur = ann
+            if i == len(parts) - 1:
+                return f"{path!r} is a section; search one of its keys (e.g. {path}.{next(iter(ann.model_fields))})"
+        else:  # a leaf, or a free-form mapping (model.kwargs, deepspeed.extra, resources.custom)
+            if i < len(parts) - 1 and "dict" not in str(ann):
+                return f"{path!r}: {'.'.join(parts[: i + 1])} is a value, not a section"
+            break
+    return None
+
+
+def trial_data(spec: SweepSpec, params: dict[str, Any], name: str, storage_path: str) -> dict[str, Any]:
+    """The base spec's data with `params` applied by dotted path (and the fixed global batch kept)."""
+    data = spec.base.model_dump(mode="json")
+    for path, value in params.items():
+        set_path(data, path, value)
+    data["name"] = name
+    data["storage"] = {"path": storage_path}
+    if spec.fixed_global_batch:
+        b = spec.base
+        glob = b.train.micro_batch_size * b.train.grad_accum * b.resources.workers
+        per = data["train"]["micro_batch_size"] * data["resources"]["workers"]
+        if per <= 0 or glob % per:
+            raise ValueError(f"fixed_global_batch: global batch {glob} is not a multiple of micro_batch_size "
+                             f"x workers = {per}")
+        data["train"]["grad_accum"] = glob // per
+    return data
+
+
+def _first_error(e: ValidationError) -> str:
+    err = e.errors(include_url=False)[0]
+    msg = err["msg"].removeprefix("Value error, ")
+    loc = ".".join(str(p) for p in err["loc"])
+    if msg.startswith("@"):
+        sub, _, msg = msg[1:].partition(": ")
+        loc = f"{loc}.{sub}" if loc else sub
+    return f"{loc}: {msg}" if loc else msg
+
+
+def check_search(spec: SweepSpec) -> list[tuple[str, tuple[str, ...], str]]:
+    out: list[tuple[str, tuple[str, ...], str]] = []
+    for key, dist in spec.search.items():
+        problem = resolve_path(key)
+        if problem:
+            out.append((key, (), problem))
+            continue
+        if spec.algorithm == "grid" and dist.kind in ("uniform", "loguniform", "randint"):
+            out.append((key, (dist.kind,), f"algorithm grid takes grid, choice or constant values, not "
+                        f"{dist.kind}; use algorithm random or optuna"))
+            continue
+        if spec.algorithm == "optuna" and dist.kind == "grid":
+            out.append((key, ("grid",), "Optuna cannot search a grid axis; use choice, or algorithm grid"))
+            continue
+        if spec.fixed_global_batch and key == "train.micro_batch_size" and dist.kind in ("uniform", "randint"):
+            out.append((key, (dist.kind,), "fixed_global_batch needs listed batch sizes (choice or grid)"))
+            continue
+        if spec.fixed_global_batch and key == "train.grad_accum":
+            out.append((key, (), "fixed_global_batch sets train.grad_accum itself; do not search it"))
+            continue
+        for i, value in enumerate(dist.probe_values()):
+            try:
+                TrainSpec.model_validate(trial_data(spec, {key: value}, "probe", spec.storage.path))
+            except (ValidationError, ValueError) as e:
+                why = _first_error(e) if isinstance(e, ValidationError) else str(e)
+                sub = (dist.kind, i) if dist.kind not in ("value",) else ()
+                out.append((key, sub, f"value {value!r} fails the train spec's validation: {why}"))
+                break
+    return out
+
+
+def check_budget(spec: SweepSpec) -> list[tuple[str, str]]:
+    out = []
+    g = spec.grid_size()
+    if spec.num_samples is not None and g > spec.num_samples:
+        out.append(("num_samples", f"the grid has {g} points but num_samples={spec.num_samples}; raise "
+                    f"num_samples to at least {g} or shrink the grid"))
+    if spec.algorithm == "grid" and spec.num_samples is None and g > 10_000:
+        out.append(("search", f"the grid has {g} points (more than 10000)"))
+    if spec.scheduler == "asha" and spec.grace_period > spec.horizon():
+        out.append(("grace_period", f"grace_period={spec.grace_period} exceeds max_t={spec.horizon()} "
+                    f"({spec.time_attr})"))
+    if spec.max_concurrent_trials > spec.total_trials() > 0:
+        pass  # harmless: Tune just runs what exists
+    return out
+
+
+KINDS["sweep"] = SweepSpec

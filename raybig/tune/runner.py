@@ -1,0 +1,193 @@
+"""Driver side of a sweep: the Tuner (or its restore), ASHA / Optuna, and the results at the end.
+
+Layout of `<storage>/<sweep name>/`:
+  sweep.yaml, sweep.json   the frozen sweep spec and its hash (a re-run with another spec is refused)
+  tune/                    Ray Tune's experiment (what `Tuner.restore` resumes)
+  trials/<trial>/          one Train run per trial (see raybig.tune.trial)
+  status.json              Tune's view of every trial (running / terminated / error)
+  trials.json, trials.md   the results table; curves.png the validation curves
+  best.yaml, best.json     the winner's full train spec and its checkpoint / export URIs
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+from ray.tune import Callback
+from rich.console import Console
+
+from raybig import storage
+from raybig.spec import freeze, spec_hash
+from raybig.spec.sweep import SweepSpec
+from raybig.tune.trial import run_trial, trial_name
+
+console = Console(stderr=True, highlight=False)
+TUNE_DIR = "tune"
+STATUS = "status.json"
+
+
+class SweepMismatch(ValueError):
+    """The sweep directory holds a different sweep."""
+
+
+def sweep_dir_of(spec: SweepSpec) -> str:
+    return storage.join(spec.storage.path, spec.name)
+
+
+def param_space(spec: SweepSpec) -> dict[str, Any]:
+    from ray import tune
+
+    out: dict[str, Any] = {}
+    for path, d in spec.search.items():
+        k = d.kind
+        if k == "uniform":
+            out[path] = tune.uniform(*d.uniform)
+        elif k == "loguniform":
+            out[path] = tune.loguniform(*d.loguniform)
+        elif k == "randint":
+            out[path] = tune.randint(d.randint[0], d.randint[1] + 1)  # ours includes high
+        elif k == "choice":
+            out[path] = tune.choice(list(d.choice))
+        elif k == "grid":
+            out[path] = tune.grid_search(list(d.grid))
+        else:
+            out[path] = d.value
+    return out
+
+
+def _search_alg(spec: SweepSpec) -> Any:
+    if spec.algorithm == "optuna":
+        import optuna
+        from ray.tune.search.optuna import OptunaSearch
+
+        return OptunaSearch(sampler=optuna.samplers.TPESampler(seed=spec.seed))
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    # Concurrency is this generator's own setting; TuneConfig.max_concurrent_trials only limits Searchers.
+    return BasicVariantGenerator(max_concurrent=spec.max_concurrent_trials, random_state=spec.seed)
+
+
+def _scheduler(spec: SweepSpec) -> Any:
+    if spec.scheduler == "none":
+        return None
+    from ray.tune.schedulers import ASHAScheduler
+
+    # time_attr is the step (or token) count every report carries, not Tune's report counter.
+    return ASHAScheduler(time_attr="step" if spec.time_attr == "steps" else "tokens", max_t=spec.horizon(),
+                         grace_period=spec.grace_period, reduction_factor=spec.reduction_factor)
+
+
+def _tune_samples(spec: SweepSpec) -> int:
+    if spec.algorithm == "optuna":
+        return spec.total_trials()
+    return spec.total_trials() // spec.grid_size()  # Tune crosses every sample with the whole grid
+
+
+class StatusCallback(Callback):
+    """Tune callback (driver side): keeps `status.json` and prints one line per finished trial."""
+
+    def __init__(self, sweep_dir: str, quiet: bool):
+        self.uri, self.quiet = f"{sweep_dir}/{STATUS}", quiet
+
+    def _set(self, trial: Any, state: str, **extra: Any) -> None:
+        # Re-read every time: after Tuner.restore this object is unpickled with stale state.
+        try:
+            status: dict[str, Any] = json.loads(storage.read_text(self.uri))
+        except (FileNotFoundError, OSError, ValueError):
+            status = {}
+        status[trial_name(trial.trial_id)] = {"trial_id": trial.trial_id, "state": state,
+                                              "config": dict(trial.config), **extra}
+        storage.write_text(self.uri, json.dumps(status, indent=2))
+
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._set(trial, "running")
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        last = trial.last_result or {}
+        self._set(trial, "terminated", step=last.get("step"))
+        if not self.quiet:
+            console.print(f"[green]trial[/green] {trial_name(trial.trial_id)} done at step "
+                          f"{last.get('step')}: val_loss {last.get('val_loss', float('nan')):.4f}  "
+                          f"{_short(trial.config)}")
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._set(trial, "error")
+        if not self.quiet:
+            console.print(f"[red]trial[/red] {trial_name(trial.trial_id)} failed  {_short(trial.config)}")
+
+
+def _short(config: dict[str, Any]) -> str:
+    return " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in config.items())
+
+
+def _check_same_sweep(spec: SweepSpec, sweep_dir: str) -> None:
+    uri = f"{sweep_dir}/sweep.json"
+    h = spec_hash(spec)
+    if storage.exists(uri):
+        old = json.loads(storage.read_text(uri)).get("spec_hash")
+        if old != h:
+            raise SweepMismatch(f"{sweep_dir} holds another sweep (spec hash {old}, this one {h}); give this "
+                                f"sweep a new name or remove that directory")
+    storage.write_text(f"{sweep_dir}/sweep.yaml", freeze(spec))
+    storage.write_text(uri, json.dumps({"name": spec.name, "kind": spec.kind, "spec_hash": h}, indent=2))
+
+
+def build_tuner(spec: SweepSpec, sweep_dir: str, python_path: list[str], quiet: bool = True) -> tuple[Any, bool]:
+    """(Tuner, restored). An interrupted sweep in `sweep_dir` is restored, not started again."""
+    from ray import tune
+
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, sweep=spec, sweep_dir=sweep_dir, python_path=python_path),
+        {"CPU": 0.01})  # the trial driver only waits on its TorchTrainer; zero is refused
+    spath, sfs = storage.ray_storage(sweep_dir)
+    exp_path = f"{spath.rstrip('/')}/{TUNE_DIR}"
+    if tune.Tuner.can_restore(exp_path, storage_filesystem=sfs):
+        # Finished, stopped and failed trials stay as they are; unfinished ones resume from their
+        # latest Train checkpoint (same trial id -> same Train run name).
+        return tune.Tuner.restore(exp_path, trainable, resume_unfinished=True, resume_errored=False,
+                                  restart_errored=False, storage_filesystem=sfs), True
+    tuner = tune.Tuner(
+        trainable,
+        param_space=param_space(spec),
+        tune_config=tune.TuneConfig(metric=spec.metric, mode=spec.mode, num_samples=_tune_samples(spec),
+                                    max_concurrent_trials=(spec.max_concurrent_trials
+                                                           if spec.algorithm == "optuna" else None),
+                                    search_alg=_search_alg(spec), scheduler=_scheduler(spec)),
+        run_config=tune.RunConfig(name=TUNE_DIR, storage_path=spath, storage_filesystem=sfs,
+                                  failure_config=tune.FailureConfig(max_failures=spec.trial_failures),
+                                  callbacks=[StatusCallback(sweep_dir, quiet)], verbose=0),
+    )
+    return tuner, False
+
+
+def run_sweep(spec: SweepSpec, address: str | None = None, python_path: list[str] | None = None,
+              quiet: bool = False, verbose: bool = False,
+              on_tuner: Callable[[Any], None] | None = None) -> dict[str, Any]:
+    """Run (or resume) the sweep to the end; write and return its report."""
+    import os
+
+    from raybig.ray_env import ensure_ray
+    from raybig.tune.report import write_report
+
+    b = spec.base.resources
+    # The dashboard must be on: Train's placement-group cleaner uses the State API, and without it
+    # the workers of an ASHA-stopped trial are never given back (the next trial hangs).
+    ensure_ray(address, num_cpus=b.workers * b.cpus_per_worker * spec.max_concurrent_trials + 1,
+               dashboard=True, use_gpu=b.gpus_per_worker > 0, verbose=verbose)
+    sweep_dir = sweep_dir_of(spec)
+    _check_same_sweep(spec, sweep_dir)
+    tuner, restored = build_tuner(spec, sweep_dir, python_path or [os.getcwd()], quiet=quiet)
+    if not quiet:
+        console.print(f"[bold]{'resuming' if restored else 'starting'}[/bold] sweep {spec.name!r}: "
+                      f"{spec.total_trials()} trials, {spec.algorithm}, scheduler {spec.scheduler} -> {sweep_dir}")
+    if on_tuner:
+        on_tuner(tuner)
+    tuner.fit()
+    report = write_report(sweep_dir, final=True)
+    if not quiet:
+        from raybig.tune.report import print_report
+
+        print_report(report)
+    return report

@@ -1,0 +1,152 @@
+"""One sweep trial: a Tune function trainable that builds and fits a Ray Train v2 TorchTrainer.
+
+Train v2 refuses `Tuner(TorchTrainer)`, so each trial is a small driver function (given 0.01 CPU by
+the runner) that validates its own train spec and fits it. Metrics reach Tune through a
+`TuneReportCallback` subclass that runs in the Train controller.
+
+Files per trial, under `<sweep dir>/trials/<trial name>/` (also the Train run dir):
+  trial.json   params, state (running / finished / failed), error, how often it started
+  curve.jsonl  every report Tune saw (val_loss carried forward; `fresh` marks a new evaluation)
+  spec.yaml    the trial's resolved train spec; export/ and checkpoint_*/ from Train
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+from ray.tune.integration.ray_train import TuneReportCallback
+
+from raybig import storage
+from raybig.spec.models import TrainSpec
+
+TRIALS_DIR = "trials"
+CURVE = "curve.jsonl"
+TRIAL_JSON = "trial.json"
+
+
+def trial_name(trial_id: str) -> str:
+    # Stable across Tuner.restore (trial ids are restored), so a resumed trial's Train run resumes too.
+    return f"trial_{trial_id}"
+
+
+def read_json(uri: str, default: Any = None) -> Any:
+    try:
+        return json.loads(storage.read_text(uri))
+    except (FileNotFoundError, OSError, ValueError):
+        return default
+
+
+def read_curve(trial_dir: str) -> list[dict[str, Any]]:
+    """Reports by step (a restarted trial re-reports steps after its checkpoint: last one wins)."""
+    try:
+        text = storage.read_text(f"{trial_dir}/{CURVE}")
+    except (FileNotFoundError, OSError):
+        return []
+    by_step: dict[int, dict[str, Any]] = {}
+    for line in text.splitlines():
+        if line.strip():
+            r = json.loads(line)
+            by_step.setdefault(int(r["step"]), {}).update(r)
+    return [by_step[s] for s in sorted(by_step)]
+
+
+class SweepReportCallback(TuneReportCallback):
+    """Forwards rank 0's reports to Tune, filling the gaps ASHA and best-result selection would trip on.
+
+    Our loop reports `val_loss` only at eval steps. Every forwarded result carries the most recent
+    val_loss (and the sweep metric) forward, with `val_step` saying where it was measured; the runner
+    also puts an evaluation on every ASHA rung, so rung decisions use a fresh value. `tokens` is filled
+    in for the step-0 report. A result is held back until the metric has been seen once, because
+    Tune refuses results without it.
+    """
+
+    def __init__(self, trial_dir: str, metric: str, tokens_per_step: int):
+        super().__init__()
+        self.trial_dir, self.metric, self.tokens_per_step = trial_dir, metric, tokens_per_step
+        self.carry: dict[str, Any] | None = None
+
+    def _load_carry(self) -> dict[str, Any]:
+        carry: dict[str, Any] = {}
+        for r in read_curve(self.trial_dir):  # after a restart, pick up where the curve left off
+            for k in {"val_loss", "val_step", self.metric}:
+                if k in r:
+                    carry[k] = r[k]
+        return carry
+
+    def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
+        if self.carry is None:
+            self.carry = self._load_carry()
+        m = dict(metrics[0])
+        fresh = "val_loss" in m
+        if fresh:
+            m["val_step"] = m["step"]
+        for k in {"val_loss", "val_step", self.metric}:
+            if k in m:
+                self.carry[k] = m[k]
+            elif k in self.carry:
+                m[k] = self.carry[k]
+        m.setdefault("tokens", int(m["step"]) * self.tokens_per_step)
+        if checkpoint:
+            m["checkpoint_path"] = checkpoint.path
+        record = {**m, "fresh": fresh, "time": time.time()}
+        fs, path = storage.fs_for(f"{self.trial_dir}/{CURVE}")
+        fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+        with fs.open(path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.metric in m:
+            self._training_actor_item_queue.put(m)
+
+
+def run_trial(config: dict[str, Any], sweep: Any, sweep_dir: str, python_path: list[str]) -> None:
+    """The Tune trainable. `config` holds the sampled values, keyed by dotted train spec path."""
+    import ray.tune
+    from pydantic import ValidationError
+
+    from raybig.spec.sweep import trial_data
+    from raybig.train.runner import build_trainer, write_run_record
+
+    trial_id = ray.tune.get_context().get_trial_id()
+    name = trial_name(trial_id)
+    root = storage.join(sweep_dir, TRIALS_DIR)
+    tdir = f"{root}/{name}"
+    info_uri = f"{tdir}/{TRIAL_JSON}"
+    info = read_json(info_uri, {}) or {}
+    info.update({"trial_id": trial_id, "name": name, "params": dict(config), "state": "running",
+                 "starts": int(info.get("starts", 0)) + 1, "error": None})
+    storage.write_text(info_uri, json.dumps(info, indent=2))
+    try:
+        try:
+            spec = TrainSpec.model_validate(trial_data(sweep, dict(config), name, root))
+        except ValidationError as e:  # e.g. a sampled combination the single-value checks could not see
+            from raybig.spec.sweep import _first_error
+
+            raise ValueError(f"trial spec is invalid: {_first_error(e)}") from None
+        spec = _align_eval(spec, sweep)
+        write_run_record(spec, tdir)
+        t = spec.train
+        cb = SweepReportCallback(tdir, sweep.metric,
+                                 t.micro_batch_size * t.grad_accum * spec.data.seq_len * spec.resources.workers)
+        build_trainer(spec, callbacks=[cb], name=name, storage_path=root, python_path=python_path).fit()
+    except BaseException as e:
+        info.update(state="failed", error=f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300]}"
+                    if str(e).strip() else type(e).__name__)
+        storage.write_text(info_uri, json.dumps(info, indent=2))
+        raise
+    info["state"] = "finished"
+    storage.write_text(info_uri, json.dumps(info, indent=2))
+
+
+def _align_eval(spec: TrainSpec, sweep: Any) -> TrainSpec:
+    """Evaluate on every ASHA rung (multiples of grace_period steps), so rungs compare fresh values."""
+    import math
+
+    if sweep.scheduler != "asha" or sweep.time_attr != "steps" or sweep.metric != "val_loss":
+        return spec
+    every = math.gcd(spec.train.eval_every, sweep.grace_period)
+    if every == spec.train.eval_every:
+        return spec
+    data = spec.model_dump(mode="json")
+    data["train"]["eval_every"] = every
+    return TrainSpec.model_validate(data)
