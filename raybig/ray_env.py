@@ -19,9 +19,9 @@ def worker_env(use_gpu: bool) -> dict[str, str]:
     env = {"PYTHONUNBUFFERED": "1"}
     if not use_gpu:
         env["DS_ACCELERATOR"] = "cpu"  # deterministic accelerator choice; lets a GPU box train on CPU
-    ext = os.environ.get("TORCH_EXTENSIONS_DIR")
-    if ext:
-        env["TORCH_EXTENSIONS_DIR"] = ext
+    for var in ("TORCH_EXTENSIONS_DIR", "RAYBIG_PEAK_FLOPS"):  # the latter: MFU's peak (raybig.metrics)
+        if os.environ.get(var):
+            env[var] = os.environ[var]
     return env
 
 

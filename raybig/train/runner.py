@@ -40,12 +40,19 @@ class TrainResult:
 class _RayReporter:
     """Reporter for the loop inside a Ray Train worker."""
 
-    def __init__(self, queue: Any):
+    def __init__(self, queue: Any, spec: TrainSpec | None = None):
         import ray.train
 
         ctx = ray.train.get_context()
         self.rank, self.world_size = ctx.get_world_rank(), ctx.get_world_size()
         self.queue = queue
+        self.prom = None  # Prometheus metrics (raybig.metrics); a sweep trial's run name != spec.name
+        if spec is not None:
+            from raybig.metrics import train_metrics_for
+
+            run = ctx.get_experiment_name()
+            self.prom = train_metrics_for(spec, self.rank, self.world_size, run,
+                                          trial=run if run != spec.name else "")
 
     @contextlib.contextmanager
     def resume_dir(self) -> Iterator[str | None]:
@@ -64,6 +71,8 @@ class _RayReporter:
         if self.rank == 0 and self.queue is not None:
             with contextlib.suppress(Exception):  # progress is best-effort; never block training
                 self.queue.put_nowait({**metrics, "_t": time.time()})
+        if self.prom is not None:
+            self.prom.report(metrics)  # best-effort, never raises
         ckpt = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
         ray.train.report(metrics, checkpoint=ckpt)
 
@@ -73,7 +82,7 @@ def _worker_entry(config: dict[str, Any]) -> None:
 
     add_python_path(config.get("python_path", []))
     spec: TrainSpec = config["spec"]
-    train_worker(spec, _RayReporter(config.get("queue")), config["run_dir"], config.get("resume_from"))
+    train_worker(spec, _RayReporter(config.get("queue"), spec), config["run_dir"], config.get("resume_from"))
 
 
 def build_trainer(spec: TrainSpec, queue: Any = None, resume_from: str | None = None,
