@@ -72,7 +72,8 @@ def submit(spec_path: str, overrides: tuple[str, ...], address: str | None, prio
         overrides = (*overrides, f"priority={priority}")
     spec = _load(spec_path, overrides)  # a bad spec stops here (exit 2)
     if spec.kind == "serve":
-        raise UserError("kind: serve cannot be submitted as a queued job yet; deploy it with `raybig serve`")
+        _submit_serve(spec, address)
+        return
     job_id, url = client.submit(spec, os.path.dirname(os.path.abspath(spec_path)), address, python=python)
     console.print(f"[green]submitted[/green] {job_id} to {url} (priority {getattr(spec, 'priority', 0)})")
     out.print(job_id)
@@ -81,6 +82,23 @@ def submit(spec_path: str, overrides: tuple[str, ...], address: str | None, prio
         console.print(f"{job_id}: {status}")
         if status != "SUCCEEDED":
             sys.exit(1)
+
+
+def _submit_serve(spec: Any, address: str | None) -> None:
+    """A serve spec is a long-lived app, not a queued job: it goes to Serve's declarative config."""
+    from raybig.jobs_client import resolve_address
+
+    try:
+        from raybig.serve.deploy import ServeError, deploy
+    except ImportError:
+        raise UserError("kind: serve cannot be submitted: raybig.serve is not installed here") from None
+    url = resolve_address(address)
+    try:
+        deploy(spec, address=url)
+    except ServeError as e:
+        raise UserError(str(e), 3) from None
+    console.print(f"[green]deployed[/green] serve app {spec.name!r} to {url} (Serve's declarative config)")
+    out.print(spec.name)
 
 
 @main.command()

@@ -102,7 +102,7 @@ class LocalCluster:
         self.pids.append(p.pid)
         return p.pid
 
-    def up(self, timeout: float = 90) -> LocalCluster:
+    def up(self, timeout: float = 180) -> LocalCluster:
         d = pathlib.Path(self.dir)
         d.mkdir(parents=True, exist_ok=True)
         if not self.token_path:
@@ -137,7 +137,8 @@ class LocalCluster:
                 return
             except Exception:  # noqa: BLE001 - not up yet
                 time.sleep(0.5)
-        raise TimeoutError(f"dashboard at {self.address} did not come up in {timeout}s")
+        tail = (pathlib.Path(self.dir) / "head.log").read_text(errors="replace")[-1500:]
+        raise TimeoutError(f"dashboard at {self.address} did not come up in {timeout}s; head.log ends: {tail}")
 
     def _req(self, path: str) -> Any:
         import urllib.request
@@ -178,8 +179,9 @@ class LocalCluster:
     def alive(self) -> bool:
         return bool(self.pids) and not self._dead()
 
-    def down(self, timeout: float = 30) -> None:
-        """SIGTERM each `ray start --block` (it stops its own children), workers first, then the head."""
+    def down(self, timeout: float = 8) -> None:
+        """SIGTERM each `ray start --block` (it stops its own children), workers first, then the head;
+        after `timeout` (Ray would drain a node for 30 s) SIGKILL each process group."""
         for pid in reversed(self.pids):
             try:
                 os.killpg(pid, signal.SIGTERM)
