@@ -107,6 +107,9 @@ def run(spec_path: str, overrides: tuple[str, ...], address: str | None, resume_
 
 if __name__ == "__main__":  # pragma: no cover
     main()
-from raybig import cli_jobs  # noqa: E402,F401  (submit, status, logs, stop, list, queue, cluster)
-from raybig import cli_sweep  # noqa: E402,F401  (sweep report)
-from raybig import cli_serve  # noqa: E402,F401  (serve status, serve down)
+from raybig import (  # noqa: E402  (command modules register themselves on `main`; add yours here)
+    cli_jobs,  # noqa: F401  (submit, status, logs, stop, list, queue, cluster)
+    cli_report,  # noqa: F401  (report)
+    cli_serve,  # noqa: F401  (serve status, serve down)
+    cli_sweep,  # noqa: F401  (sweep report)
+)
