@@ -73,8 +73,12 @@ class _RayReporter:
                 self.queue.put_nowait({**metrics, "_t": time.time()})
         if self.prom is not None:
             self.prom.report(metrics)  # best-effort, never raises
-        ckpt = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
-        ray.train.report(metrics, checkpoint=ckpt)
+        # Train v2's report() is a barrier across workers (about a second each on a busy 2-core box),
+        # so only evaluations and checkpoints go through it (Tune and ASHA read val_loss there);
+        # per-step progress travels through the queue alone. Every rank takes the same branch.
+        if checkpoint_dir or "val_loss" in metrics:
+            ckpt = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+            ray.train.report(metrics, checkpoint=ckpt)
 
 
 def _worker_entry(config: dict[str, Any]) -> None:
