@@ -169,6 +169,7 @@ def decide(jobs: list[Job], nodes: list[Node], quotas: dict[str, Res] | None = N
     free = [{k: min(n.available.get(k, 0.0), r.get(k, 0.0)) for k in set(n.total) | set(r)}
             for n, r in zip(nodes, reserved, strict=True)]
     totals = [dict(n.total) for n in nodes]
+    never: dict[Demand, bool] = {}  # memo: many queued jobs share a gang shape
     dec = Decision()
     head: Job | None = None
     ahead = 0
@@ -179,7 +180,9 @@ def decide(jobs: list[Job], nodes: list[Node], quotas: dict[str, Res] | None = N
             dec.reasons[j.job_id] = q
             ahead += 1
             continue
-        if not pack(j.demand.as_dicts(), [dict(t) for t in totals]):
+        if j.demand not in never:
+            never[j.demand] = not pack(j.demand.as_dicts(), [dict(t) for t in totals])
+        if never[j.demand]:
             # Impossible on today's nodes (an autoscaler may add some): it must not block the queue.
             dec.reasons[j.job_id] = _why(j, free, True, ahead)
             ahead += 1
@@ -190,13 +193,22 @@ def decide(jobs: list[Job], nodes: list[Node], quotas: dict[str, Res] | None = N
                 continue
             head = j
             dec.reasons[j.job_id] = _why(j, free, False, ahead)
-        elif j.ready and _backfill_ok(j, head, reserved) and pack(j.demand.as_dicts(), free):
+        elif j.ready and _fits_sum(j.demand, free) and _backfill_ok(j, head, reserved) \
+                and pack(j.demand.as_dicts(), free):
             _admit(j, dec, reserved, used)
             continue
         else:
             dec.reasons[j.job_id] = _why(j, free, False, ahead)
         ahead += 1
     return dec
+
+
+def _fits_sum(d: Demand, caps: list[Res]) -> bool:
+    """Cheap necessary condition for `pack`: the cluster-wide sums suffice."""
+    for k, v in d.total().items():
+        if v > 0 and sum(c.get(k, 0.0) for c in caps) + EPS < v:
+            return False
+    return True
 
 
 def _why(j: Job, free: list[Res], never: bool, ahead: int) -> str:

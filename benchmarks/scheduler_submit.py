@@ -1,0 +1,157 @@
+"""Scheduler and submission benchmark; prints markdown tables.
+
+1. Latency on a real local head (`raybig.cluster_local`, token auth on): seconds from starting
+   `raybig submit` to the job RUNNING and to its first training step, against Ray's own
+   `ray job submit` of the same entrypoint (`python -m raybig.entrypoint` with the same frozen spec,
+   but RAYBIG_SCHEDULER=off: no queue, no admission). Both clocks start when the CLI process starts,
+   so both include CLI start-up. RUNNING = Ray's job status for plain, the admitted holder for raybig.
+   First step = the first `[raybig] metrics` line with a training loss in the job's logs.
+2. Scheduler decisions per second with 500 queued jobs (the pure policy, `policy.decide`).
+
+    .venv/bin/python benchmarks/scheduler_submit.py [--reps 2] [--skip-cluster]
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import os
+import pathlib
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def decide_rate(n_jobs: int = 500, n_nodes: int = 16, seconds: float = 3.0) -> dict[str, float]:
+    from raybig.scheduler.policy import Demand, Job, Node, decide
+
+    rng = random.Random(0)
+    nodes = [Node({"CPU": 32.0, "GPU": 4.0, "memory": 256e9}, {"CPU": 32.0, "GPU": 4.0, "memory": 256e9})
+             for _ in range(n_nodes)]
+    jobs = []
+    for i in range(n_jobs):
+        w = rng.choice([1, 2, 4, 8])
+        per = {"CPU": float(rng.choice([2, 4, 8])), "GPU": float(rng.choice([0, 1]))}
+        jobs.append(Job(f"j{i}", rng.randint(0, 9), float(i), Demand.of(w, per, {"CPU": 0.5}),
+                        user=f"u{i % 5}", admitted=i < 40))
+    quotas = {"u0": {"GPU": 8.0}}
+    calls, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        # decide() marks what it admits: every pass starts from the same 40 running + 460 queued.
+        fresh = [Job(j.job_id, j.priority, j.submitted_at, j.demand, j.user, admitted=int(j.job_id[1:]) < 40)
+                 for j in jobs]
+        decide(fresh, nodes, quotas)
+        calls += 1
+    dt = time.perf_counter() - t0
+    return {"passes_per_s": calls / dt, "job_decisions_per_s": calls * (n_jobs - 40) / dt,
+            "ms_per_pass": 1000 * dt / calls}
+
+
+def _first(pred, timeout: float = 300, every: float = 0.1) -> float:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if pred():
+            return time.time()
+        time.sleep(every)
+    raise TimeoutError("benchmark job did not get there in time")
+
+
+def _has_step(logs: str) -> bool:
+    return any("[raybig] metrics" in ln and '"loss"' in ln for ln in logs.splitlines())
+
+
+def one_run(c, spec, spec_path: str, overrides: list[str], plain: bool) -> tuple[float, float]:
+    from raybig.jobs_client import connect
+    from raybig.scheduler.client import entrypoint
+    from raybig.scheduler.meta import STATE_PREFIX
+    from raybig.spec import freeze, spec_hash
+
+    client, _ = connect(c.address)
+    env = {**os.environ, "RAY_ADDRESS": c.address, "RAY_AUTH_MODE": "token"}
+    t0 = time.time()
+    if plain:
+        job_id = f"plain-{int(t0 * 1000)}"
+        renv = {"env_vars": {"RAYBIG_SPEC_B64": base64.b64encode(freeze(spec).encode()).decode(),
+                             "RAYBIG_SPEC_HASH": spec_hash(spec), "RAYBIG_JOB_ID": job_id,
+                             "RAYBIG_SCHEDULER": "off"}}
+        subprocess.run([str(pathlib.Path(sys.executable).parent / "ray"), "job", "submit", "--no-wait",
+                        "--submission-id", job_id, "--runtime-env-json", json.dumps(renv),
+                        "--address", c.address, "--", entrypoint(None)],
+                       check=True, capture_output=True, env=env)
+        running = _first(lambda: str(client.get_job_status(job_id).value) == "RUNNING")
+    else:
+        sets = [a for o in overrides for a in ("--set", o)]
+        r = subprocess.run([sys.executable, "-m", "raybig", "submit", spec_path, *sets],
+                           check=True, capture_output=True, text=True, env=env, cwd=str(ROOT))
+        job_id = r.stdout.strip().splitlines()[-1]
+        running = _first(lambda: any(STATE_PREFIX in ln and '"state": "RUNNING"' in ln
+                                     for ln in client.get_job_logs(job_id).splitlines()))
+    step = _first(lambda: _has_step(client.get_job_logs(job_id)), every=0.25)
+    _first(lambda: str(client.get_job_status(job_id).value) in ("SUCCEEDED", "FAILED", "STOPPED"), every=0.5)
+    return running - t0, step - t0
+
+
+def latency(reps: int) -> list[dict[str, float]]:
+    from raybig.cluster_local import LocalCluster
+    from raybig.spec import load_spec
+
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix="raybig-bench-"))
+    c = LocalCluster(dir=str(tmp / "c"), workers=0, head_cpus=3)
+    saved = os.environ.get("RAY_AUTH_TOKEN_PATH")
+    rows = []
+    try:
+        c.up()
+        os.environ["RAY_AUTH_TOKEN_PATH"] = c.token_path
+        spec_path = str(ROOT / "jobs/debug.yaml")
+        overrides = [f"storage.path={tmp / 'runs'}", "sample.max_new_tokens=0", "train.steps=4"]
+        for i in range(reps):
+            for plain in (True, False):
+                ov = [*overrides, f"name=bench-{'plain' if plain else 'raybig'}-{i}"]
+                spec = load_spec(spec_path, ov)
+                run, step = one_run(c, spec, spec_path, ov, plain)
+                rows.append({"rep": i, "plain": plain, "running_s": run, "first_step_s": step})
+                print(f"  rep {i} {'ray job submit' if plain else 'raybig submit'}: RUNNING {run:.2f}s, "
+                      f"first step {step:.2f}s", file=sys.stderr)
+    finally:
+        c.down()
+        if saved is None:
+            os.environ.pop("RAY_AUTH_TOKEN_PATH", None)
+        else:
+            os.environ["RAY_AUTH_TOKEN_PATH"] = saved
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--skip-cluster", action="store_true")
+    a = ap.parse_args()
+    if not a.skip_cluster:
+        rows = latency(a.reps)
+        med = {p: {k: statistics.median(r[k] for r in rows if r["plain"] == p)
+                   for k in ("running_s", "first_step_s")} for p in (True, False)}
+        print(f"### Submission latency (median of {a.reps}; jobs/debug.yaml, 4 steps, 2 workers)\n")
+        print("| path | to RUNNING (s) | to first training step (s) |")
+        print("|---|---:|---:|")
+        print(f"| `ray job submit` (same entrypoint, no queue) | {med[True]['running_s']:.2f} | "
+              f"{med[True]['first_step_s']:.2f} |")
+        print(f"| `raybig submit` (validate, queue, gang admission) | {med[False]['running_s']:.2f} | "
+              f"{med[False]['first_step_s']:.2f} |")
+        print(f"| ratio raybig / plain | {med[False]['running_s'] / med[True]['running_s']:.2f}x | "
+              f"{med[False]['first_step_s'] / med[True]['first_step_s']:.2f}x |\n")
+    r = decide_rate()
+    print("### Scheduler decisions (500 queued jobs, 16 nodes, quotas on; pure policy)\n")
+    print("| full passes / s | ms per pass | job decisions / s |")
+    print("|---:|---:|---:|")
+    print(f"| {r['passes_per_s']:.0f} | {r['ms_per_pass']:.2f} | {r['job_decisions_per_s']:.0f} |")
+
+
+if __name__ == "__main__":
+    main()
