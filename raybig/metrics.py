@@ -287,6 +287,30 @@ def serve_request(model: str, status: str, latency_s: float, ttft_s: float | Non
         emit("raybig_serve_generated_tokens", tokens, model=model)
 
 
+class RequestTimer:
+    """Times one completion request inside a replica: `first()` at each generated chunk (the first call
+    fixes time-to-first-token), `done(http_status, job)` once at the end."""
+
+    def __init__(self, model: str):
+        import time
+
+        self.model, self._clock = model, time.perf_counter
+        self.t0, self.ttft, self._done = self._clock(), None, False
+
+    def first(self) -> None:
+        if self.ttft is None:
+            self.ttft = self._clock() - self.t0
+
+    def done(self, http_status: int, job: Any = None) -> None:
+        if self._done:
+            return
+        self._done = True
+        tokens = 0
+        with contextlib.suppress(Exception):
+            tokens = int(job.usage()["completion_tokens"]) if job is not None else 0
+        serve_request(self.model, status_class(http_status), self._clock() - self.t0, self.ttft, tokens)
+
+
 def serve_batch(model: str, size: int) -> None:
     emit("raybig_serve_batch_size", size, model=model)
 

@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from raybig.metrics import RequestTimer, serve_batch
 from raybig.serve.schema import ApiError, Job, build_job, parse_request
 from raybig.spec.serve import GenerationSpec
 
@@ -118,26 +119,33 @@ class Completions:
 
     @api.post("/v1/completions")
     async def completions(self, request: Request) -> Any:
+        timer = RequestTimer(self.args.model_name)  # Prometheus: requests, latency, TTFT, tokens
         try:
             self._check_key(request)
             req = parse_request(await request.body())
             job = build_job(req, self.args.model_name, self.gen, self.context)
         except ApiError as e:
+            timer.done(e.status)
             return _err(e)
         if req.stream:
             usage = bool((req.stream_options or {}).get("include_usage"))
-            return StreamingResponse(self._sse(job, usage), media_type="text/event-stream")
+            return StreamingResponse(self._sse(job, usage, timer), media_type="text/event-stream")
         async for _ in self._run(job):
-            pass
+            timer.first()
+        timer.done(200, job)
         return JSONResponse(job.response())
 
-    async def _sse(self, job: Job, usage: bool) -> AsyncIterator[str]:
+    async def _sse(self, job: Job, usage: bool, timer: RequestTimer | None = None) -> AsyncIterator[str]:
         async for parts in self._run(job):
             if parts:
+                if timer is not None:
+                    timer.first()
                 yield f"data: {json.dumps(job.chunk(parts))}\n\n"
         if usage:
             yield f"data: {json.dumps({**job.chunk([], usage=True), 'choices': []})}\n\n"
         yield "data: [DONE]\n\n"
+        if timer is not None:
+            timer.done(200, job)
 
     # --- batched generation ---------------------------------------------------------------------
 
@@ -146,6 +154,7 @@ class Completions:
         """All rows of all jobs in one KV-cached batch; yields each job's new text per step."""
         from raybig.serve.engine import Batch
 
+        serve_batch(self.args.model_name, len(jobs))
         batch = Batch(self.model, [r for j in jobs for r in j.rows])
         while not all(j.done for j in jobs):
             toks = await asyncio.to_thread(batch.step)  # the event loop keeps taking requests
