@@ -10,6 +10,10 @@ def validate_summary(spec: Any) -> dict[str, Any]:
     summary: dict[str, Any] = {"kind": spec.kind, "name": getattr(spec, "name", ""), "lines": []}
     if spec.kind == "train":
         summary.update(train_memory_summary(spec))
+    elif spec.kind == "sweep":
+        from raybig.spec.sweep import summary_lines
+
+        summary["lines"] = summary_lines(spec)
     return summary
 
 

@@ -284,3 +284,18 @@ def check_budget(spec: SweepSpec) -> list[tuple[str, str]]:
 
 
 KINDS["sweep"] = SweepSpec
+
+
+def summary_lines(spec: SweepSpec) -> list[str]:
+    """What `raybig validate` prints for a sweep."""
+    from raybig.report_text import train_memory_summary
+
+    b = spec.base
+    sched = (f"ASHA on {spec.time_attr} (grace {spec.grace_period}, rf {spec.reduction_factor:g}, "
+             f"max_t {spec.horizon()})" if spec.scheduler == "asha" else "no early stopping")
+    lines = [f"{spec.total_trials()} trials ({spec.algorithm}, grid of {spec.grid_size()}), "
+             f"{spec.max_concurrent_trials} at a time, {spec.mode} {spec.metric}; {sched}",
+             f"each trial: {b.resources.workers} workers x {b.resources.cpus_per_worker:g} CPU, "
+             f"{b.train.steps} steps, ZeRO-{b.deepspeed.zero_stage}",
+             *[f"  {k}: {d.kind} {getattr(d, d.kind)!r}" for k, d in spec.search.items()]]
+    return lines + [f"base {line}" for line in train_memory_summary(b).get("lines", [])]

@@ -11,8 +11,9 @@ Layout of `<storage>/<sweep name>/`:
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from ray.tune import Callback
@@ -162,6 +163,40 @@ def build_tuner(spec: SweepSpec, sweep_dir: str, python_path: list[str], quiet: 
     return tuner, False
 
 
+@contextlib.contextmanager
+def pinned_ray_address() -> Iterator[None]:
+    """Give every trial (and what it starts) RAY_ADDRESS = this cluster, while the Tuner runs.
+
+    When an ASHA-stopped trial's Train controller dies, a detached PlacementGroupCleaner frees its
+    workers. It finds the cluster through the State API with no address, which fails with "Found
+    multiple active Ray instances" whenever another Ray runs on the machine, and then the next
+    trial waits forever for workers. Tune passes a fixed list of env vars to trial actors; RAY_ADDRESS
+    is added to it here, and the controller and the cleaner inherit it from the trial.
+    """
+    import os
+
+    import ray
+    from ray.tune.execution import class_cache
+
+    names = getattr(class_cache, "ENV_VARS_TO_PROPAGATE", None)
+    if not isinstance(names, set):  # a Ray without this hook: nothing to pin
+        yield
+        return
+    old = os.environ.get("RAY_ADDRESS")
+    added = "RAY_ADDRESS" not in names
+    os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
+    names.add("RAY_ADDRESS")
+    try:
+        yield
+    finally:
+        if added:
+            names.discard("RAY_ADDRESS")
+        if old is None:
+            os.environ.pop("RAY_ADDRESS", None)
+        else:
+            os.environ["RAY_ADDRESS"] = old
+
+
 def run_sweep(spec: SweepSpec, address: str | None = None, python_path: list[str] | None = None,
               quiet: bool = False, verbose: bool = False,
               on_tuner: Callable[[Any], None] | None = None) -> dict[str, Any]:
@@ -184,10 +219,15 @@ def run_sweep(spec: SweepSpec, address: str | None = None, python_path: list[str
                       f"{spec.total_trials()} trials, {spec.algorithm}, scheduler {spec.scheduler} -> {sweep_dir}")
     if on_tuner:
         on_tuner(tuner)
-    tuner.fit()
+    with pinned_ray_address():
+        tuner.fit()  # Tune catches Ctrl-C itself: it stops the trials, saves its state and returns
     report = write_report(sweep_dir, final=True)
     if not quiet:
         from raybig.tune.report import print_report
 
         print_report(report)
+    if report["counts"]["interrupted"] or len(report["trials"]) < spec.total_trials():
+        console.print(f"[yellow]sweep interrupted[/yellow]: run the same spec again to resume it "
+                      f"({report['counts']['interrupted']} trials resume from their last checkpoint)")
+        raise KeyboardInterrupt
     return report
