@@ -151,14 +151,14 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--skip-serve", action="store_true")
     a = ap.parse_args()
-    out: list[Any] = []
     with tempfile.TemporaryDirectory() as root:
         ckpt = make_export(a.preset, root)
-        out += [f"### Engine ({a.engine_preset}, random weights)", ""] + engine_section(a.engine_preset)
+        out: list[Any] = [f"### Engine ({a.engine_preset}, random weights)", ""] + engine_section(a.engine_preset)
+        print("\n".join(out), flush=True)
         if not a.skip_serve:
-            out += ["", f"### Ray Serve ({a.preset}, 1 replica of 1 CPU, {a.max_tokens} new tokens/request)",
-                    ""] + serve_section(ckpt, a.max_tokens)
-    print("\n".join(out))
+            out = ["", f"### Ray Serve ({a.preset}, 1 replica of 1 CPU, {a.max_tokens} new tokens/request)",
+                   ""] + serve_section(ckpt, a.max_tokens)
+            print("\n".join(out), flush=True)
 
 
 if __name__ == "__main__":

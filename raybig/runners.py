@@ -28,4 +28,8 @@ def run_spec(spec: Any, address: str | None = None, resume_from: str | None = No
         from raybig.serve.local import run_serve_cli
 
         return run_serve_cli(spec, address=address, as_json=as_json)
+    if spec.kind == "pipeline":
+        from raybig.serve.pipeline import run_pipeline_cli
+
+        return run_pipeline_cli(spec, address=address, python_path=python_path, as_json=as_json)
     raise NotImplementedError(f"kind {spec.kind!r} has no runner yet")

@@ -16,6 +16,16 @@ from raybig.spec.serve import ServeSpec
 console = Console(stderr=True, highlight=False)
 
 
+def _connected_dashboard() -> str | None:
+    """The dashboard of the Ray this process is already connected to, if it knows it."""
+    try:
+        import ray
+
+        return ray._private.worker.global_worker.node.address_info.get("webui_url") or None
+    except Exception:  # not connected, or a client without a node: fall back to the defaults
+        return None
+
+
 def start_serve(spec: ServeSpec, address: str | None = None) -> dict[str, Any]:
     """Ray (embedded unless address/RAY_ADDRESS), Serve's proxy on spec.host:port, then the app."""
     from ray import serve
@@ -24,14 +34,15 @@ def start_serve(spec: ServeSpec, address: str | None = None) -> dict[str, Any]:
 
     need = spec.resources.num_cpus * max(1, spec.autoscaling.min_replicas, spec.autoscaling.initial_replicas or 0)
     info = ensure_ray(address, num_cpus=need + 1, dashboard=True)
-    dash = dashboard_address(info.get("dashboard_url"))
+    dash = dashboard_address(info.get("dashboard_url") or _connected_dashboard())
     if info.get("embedded"):
         serve.start(http_options={"host": spec.host, "port": spec.port})
     deploy(spec, dash)
     st = wait_running(spec.name, dash, timeout_s=180)
-    os.makedirs(os.path.dirname(STATE_FILE), exist_ok=True)
-    with open(STATE_FILE, "w") as f:  # lets `raybig serve status` find this server
-        json.dump({"dashboard": dash, "pid": os.getpid(), "app": spec.name}, f)
+    if info.get("embedded"):  # lets `raybig serve status` in another shell find this server
+        os.makedirs(os.path.dirname(STATE_FILE), exist_ok=True)
+        with open(STATE_FILE, "w") as f:
+            json.dump({"dashboard": dash, "pid": os.getpid(), "app": spec.name}, f)
     return {"name": spec.name, "url": st["url"], "dashboard": dash, "embedded": info.get("embedded")}
 
 
