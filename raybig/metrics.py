@@ -17,7 +17,7 @@ Tags (bounded cardinality; never a step, a request id or a prompt):
   sweep     the sweep's name; state: a trial state; metric: the metric a sweep optimises.
   model / status    serving: the model name, and "ok" | "client_error" | "server_error".
   priority  the scheduler's queue priority; reason: why a job was retried/preempted.
-Serve replicas get `deployment`, `replica` and `application` added by `ray.serve.metrics`.
+Serve replicas get `deployment`, `replica`, `application` and `route` added by `ray.serve.metrics`.
 
 All helpers are best-effort: metrics must never break training or serving, so every emit swallows
 errors (and is a no-op outside a Ray worker/driver).
@@ -43,7 +43,8 @@ PROM_NAME_RE = re.compile(r"^[a-zA-Z_:][a-zA-Z0-9_:]*$")
 PROM_LABEL_RE = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
 # Tag keys whose values come from a small set per cluster; anything else is refused by the tests.
 BOUNDED_TAGS = frozenset({"job_name", "run", "trial", "rank", "sweep", "state", "metric", "model",
-                          "status", "priority", "reason", "deployment", "replica", "application"})
+                          "status", "priority", "reason", "deployment", "replica", "application",
+                          "route"})
 
 TIME_BUCKETS_S = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300]
 WAIT_BUCKETS_S = [1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200, 21600, 86400]
