@@ -336,3 +336,25 @@ def scheduler_retry(priority: Any, reason: str = "failed") -> None:
 
 def scheduler_preempted(priority: Any) -> None:
     emit("raybig_scheduler_preemptions", 1, priority=priority)
+
+
+_sched_priorities: set[str] = set()
+
+
+def scheduler_observe(jobs: list[Any], admitted_now: list[str], now: float | None = None) -> None:
+    """One scheduler tick: queue depth per priority (jobs not admitted, zeros kept for priorities seen
+    before so the gauge drops when a queue empties), and admissions with their queue wait."""
+    import time
+
+    now = time.time() if now is None else now
+    admit = set(admitted_now)
+    depth: dict[str, int] = dict.fromkeys(_sched_priorities, 0)
+    for j in jobs:
+        prio = str(getattr(j, "priority", ""))
+        _sched_priorities.add(prio)
+        depth.setdefault(prio, 0)
+        if j.job_id in admit:
+            scheduler_admitted(prio, now - float(getattr(j, "submitted_at", now) or now))
+        elif not getattr(j, "admitted", False):
+            depth[prio] += 1
+    scheduler_queue(depth)

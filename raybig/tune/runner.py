@@ -119,6 +119,13 @@ class StatusCallback(Callback):
             console.print(f"[red]trial[/red] {trial_name(trial.trial_id)} failed  {_short(trial.config)}")
 
 
+def _metrics_callback(spec: SweepSpec) -> Any:
+    """Prometheus: trials by state, best metric so far (raybig.metrics)."""
+    from raybig.metrics_sweep import SweepMetricsCallback
+
+    return SweepMetricsCallback(spec.name, spec.metric, spec.mode)
+
+
 def _short(config: dict[str, Any]) -> str:
     return " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in config.items())
 
@@ -158,7 +165,7 @@ def build_tuner(spec: SweepSpec, sweep_dir: str, python_path: list[str], quiet: 
                                     search_alg=_search_alg(spec), scheduler=_scheduler(spec)),
         run_config=tune.RunConfig(name=TUNE_DIR, storage_path=spath, storage_filesystem=sfs,
                                   failure_config=tune.FailureConfig(max_failures=spec.trial_failures),
-                                  callbacks=[StatusCallback(sweep_dir, quiet)], verbose=0),
+                                  callbacks=[StatusCallback(sweep_dir, quiet), _metrics_callback(spec)], verbose=0),
     )
     return tuner, False
 
