@@ -165,6 +165,9 @@ def main() -> int:
             if attempt < retries:
                 delay = BACKOFF_S * (2 ** attempt)
                 say("RETRYING", attempt=attempt + 1, of=retries + 1, error=last_err, backoff_s=delay)
+                from raybig.metrics import scheduler_retry
+
+                scheduler_retry(job["priority"], type(e).__name__)  # Prometheus; reason = exception class
                 time.sleep(delay)
     holder.release()
     say("FAILED", attempts=retries + 1, error=last_err)
