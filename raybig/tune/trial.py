@@ -130,12 +130,21 @@ def run_trial(config: dict[str, Any], sweep: Any, sweep_dir: str, python_path: l
                                  t.micro_batch_size * t.grad_accum * spec.data.seq_len * spec.resources.workers)
         build_trainer(spec, callbacks=[cb], name=name, storage_path=root, python_path=python_path).fit()
     except BaseException as e:
-        info.update(state="failed", error=f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300]}"
-                    if str(e).strip() else type(e).__name__)
+        info.update(state="failed", error=one_line(e))
         storage.write_text(info_uri, json.dumps(info, indent=2))
         raise
     info["state"] = "finished"
     storage.write_text(info_uri, json.dumps(info, indent=2))
+
+
+def one_line(e: BaseException) -> str:
+    """The root cause in one line: Train wraps worker errors (and their tracebacks) in its own."""
+    import re
+
+    text = str(e).strip()
+    causes = re.findall(r"^\s*([A-Za-z_.]*(?:Error|Exception): .+)$", text, re.MULTILINE)
+    line = causes[-1].strip() if causes else (text.splitlines()[0] if text else "")
+    return f"{type(e).__name__}: {line[:300]}" if line else type(e).__name__
 
 
 def _align_eval(spec: TrainSpec, sweep: Any) -> TrainSpec:
