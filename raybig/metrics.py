@@ -229,10 +229,11 @@ class TrainMetrics:
             if m.get(key) is not None:
                 emit(name, m[key], **self.tags)
         if m.get("tokens") is not None:
-            # Counter: add what was processed since the last report of this process (a restarted worker
-            # starts from its checkpoint, so the first delta after a restore is skipped).
+            # Counter: add what was processed since the last report of this process. A worker restored
+            # from a checkpoint reports cumulative tokens that earlier processes already counted, so its
+            # first report (the one carrying `restored_step`) only sets the baseline.
             tokens = int(m["tokens"])
-            if self._tokens:
+            if self._tokens or "restored_step" not in m:
                 emit("raybig_train_tokens", tokens - self._tokens, **self.tags)
             self._tokens = tokens
         if m.get("tokens_per_s") and self.flops_per_token:

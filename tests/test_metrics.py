@@ -162,3 +162,31 @@ def test_every_declared_metric_is_emitted_by_some_component():
     unwired = {m for m, helpers in emitters.items()
                if not any(re.search(rf"\b{h}\b", others) for h in helpers)}
     assert unwired == KNOWN_UNWIRED
+
+
+def test_train_metrics_what_each_rank_publishes(monkeypatch):
+    """Rank 0: the run's metrics, token deltas and MFU; other ranks: only their own peak memory."""
+    sent: list[tuple[str, float, dict]] = []
+    monkeypatch.setattr(M, "emit", lambda name, value, **tags: sent.append((name, value, tags)))
+    rec = {"step": 2, "loss": 4.0, "lr": 1e-3, "tokens": 1024, "tokens_per_s": 1000.0, "step_time_s": 0.5,
+           "samples": 32, "peak_mem_bytes": 7}
+    r0 = M.TrainMetrics("job", "run", "", rank=0, world_size=2, flops_per_token=737_280, peak_per_device=1e9)
+    r0.report(rec)
+    r0.report({**rec, "step": 4, "tokens": 2048})
+    by = {}
+    for name, value, tags in sent:
+        by.setdefault(name, []).append(value)
+        assert tags["job_name"] == "job" and tags["run"] == "run" and "step" not in tags
+    assert by["raybig_train_tokens"] == [1024, 1024]  # deltas of the cumulative count
+    assert by["raybig_train_mfu_ratio"] == [pytest.approx(0.36864)] * 2
+    assert by["raybig_train_loss"] == [4.0, 4.0] and by["raybig_train_step"] == [2, 4]
+    assert by["raybig_train_peak_memory_bytes"][0] > 1_000_000  # this process's own RSS, not the 7 reported
+    sent.clear()
+    M.TrainMetrics("job", "run", "", rank=1, world_size=2).report(rec)
+    assert [(n, t["rank"]) for n, _, t in sent] == [("raybig_train_peak_memory_bytes", 1)]
+    sent.clear()
+    restored = M.TrainMetrics("job", "run", "", rank=0, world_size=2)  # no FLOPs known: no MFU
+    restored.report({**rec, "tokens": 4096, "restored_step": 8})
+    restored.report({**rec, "tokens": 5120})
+    assert [v for n, v, _ in sent if n == "raybig_train_tokens"] == [1024]  # already-counted tokens skipped
+    assert not [n for n, _, _ in sent if n == "raybig_train_mfu_ratio"]
