@@ -197,6 +197,10 @@ def decide(jobs: list[Job], nodes: list[Node], quotas: dict[str, Res] | None = N
                 and pack(j.demand.as_dicts(), free):
             _admit(j, dec, reserved, used)
             continue
+        elif j.ready and pack(j.demand.as_dicts(), [dict(f) for f in free]):
+            # It fits, but starting it could delay the job at the head of the queue.
+            dec.reasons[j.job_id] = f"waiting for its turn behind {head.job_id}; {ahead} job" \
+                                    f"{'s' if ahead != 1 else ''} ahead"
         else:
             dec.reasons[j.job_id] = _why(j, free, False, ahead)
         ahead += 1

@@ -43,6 +43,7 @@ class RaybigScheduler:
         self._lock = threading.Lock()
         self._regs: dict[str, dict[str, Any]] = {}  # job_id -> {phase, admitted, job, seen}
         self._done: set[str] = set()  # released, but Ray still shows the job RUNNING while it exits
+        self._known: dict[str, tuple[dict[str, str], float]] = {}  # alive jobs -> (metadata, last seen)
         self._decision = Decision()
         self._started = time.time()
         self._recovering = True
@@ -92,8 +93,22 @@ class RaybigScheduler:
                      if status in ("PENDING", "RUNNING") and jid not in self._done}
             self._done &= {jid for jid, (status, _) in table.items() if status in ("PENDING", "RUNNING")}
             now = time.time()
+            # A job once seen alive stays known until the table shows it ended: one incomplete read
+            # of the table must not let a later job jump ahead of it.
+            for jid, md in alive.items():
+                self._known[jid] = (md, now)
+            for jid, (md, seen) in list(self._known.items()):
+                if (jid in table and jid not in alive) or jid in self._done:
+                    self._known.pop(jid)
+                elif jid not in table:
+                    if now - seen > STALE_S * 4:
+                        self._known.pop(jid)
+                    else:
+                        print(f"[raybig-scheduler] {jid} missing from the job table; kept", flush=True)
+                        alive[jid] = md
             for jid in list(self._regs):
                 if jid in table and jid not in alive:  # the Ray job ended: free its reservation
+                    print(f"[raybig-scheduler] {jid} ended ({table[jid][0]})", flush=True)
                     self._regs.pop(jid)
                 elif jid not in table and now - self._regs[jid].get("seen", now) > STALE_S:
                     self._regs.pop(jid)  # never showed up in the job table, and went quiet
@@ -120,6 +135,10 @@ class RaybigScheduler:
             for jid in dec.admit:
                 if jid in self._regs:
                     self._regs[jid]["admitted"] = True
+            if dec.admit:  # an audit trail in the actor's log: what it saw when it admitted
+                seen = [(j.job_id, j.priority, "ready" if j.ready else "-", "adm" if j.admitted else "-")
+                        for j in jobs]
+                print(f"[raybig-scheduler] admit {dec.admit}; saw {seen}", flush=True)
             self._decision = dec
             self._ticks += 1
 
@@ -137,7 +156,8 @@ def _job_table() -> dict[str, tuple[str, dict[str, str]]]:
     out = {}
     # An explicit address: other Ray instances on the same machine must not confuse the lookup.
     gcs = ray.get_runtime_context().gcs_address
-    for j in list_jobs(address=gcs, limit=10_000, raise_on_missing_output=False):
+    # detail=True: without it the State API leaves out `metadata`, where the queue record lives.
+    for j in list_jobs(address=gcs, limit=10_000, detail=True, raise_on_missing_output=False):
         sid = getattr(j, "submission_id", None)
         md = getattr(j, "metadata", None) or {}
         if sid and is_raybig(md):
