@@ -65,13 +65,17 @@ class Batch:
     def step(self) -> list[int | None]:
         """Generate one token for every unfinished row; returns it per row (None for finished)."""
         logits = self._logits()
+        greedy = logits.argmax(dim=-1).tolist()  # one op for every temperature-0 row
         toks: list[int | None] = []
         for i, r in enumerate(self.rows):
             if r.done or len(r.out) >= r.max_new:
                 r.done = True
                 toks.append(None)
                 continue
-            tok = int(sample_next(logits[i:i + 1], r.temperature, r.top_p, r.generator)[0, 0])
+            if r.temperature <= 0:
+                tok = greedy[i]
+            else:
+                tok = int(sample_next(logits[i:i + 1], r.temperature, r.top_p, r.generator)[0, 0])
             r.out.append(tok)
             toks.append(tok)
         self._last = torch.tensor([(r.out[-1] if r.out else 0) for r in self.rows]).view(-1, 1)
