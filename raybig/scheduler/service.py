@@ -24,6 +24,7 @@ from typing import Any
 
 import ray
 
+from raybig.metrics import scheduler_observe
 from raybig.scheduler.meta import ACTOR_NAME, NAMESPACE, is_raybig, job_from_metadata
 from raybig.scheduler.policy import Decision, Demand, Job, Node, decide
 
@@ -132,6 +133,7 @@ class RaybigScheduler:
                 if jid not in alive and jid not in table and r.get("job"):
                     jobs.append(_job_from_reg(jid, r))
             dec = decide(jobs, _nodes(), _quotas())
+            newly = [jid for jid in dec.admit if jid in self._regs and not self._regs[jid].get("admitted")]
             for jid in dec.admit:
                 if jid in self._regs:
                     self._regs[jid]["admitted"] = True
@@ -141,6 +143,7 @@ class RaybigScheduler:
                 print(f"[raybig-scheduler] admit {dec.admit}; saw {seen}", flush=True)
             self._decision = dec
             self._ticks += 1
+            scheduler_observe(jobs, newly)  # Prometheus: queue depth by priority, admissions, waits
 
 
 def _job_from_reg(jid: str, r: dict[str, Any]) -> Job:
