@@ -189,3 +189,22 @@ def test_train_metrics_what_each_rank_publishes(monkeypatch):
     restored.report({**rec, "tokens": 5120})
     assert [v for n, v, _ in sent if n == "raybig_train_tokens"] == [1024]  # already-counted tokens skipped
     assert not [n for n, _, _ in sent if n == "raybig_train_mfu_ratio"]
+
+
+def test_scheduler_observe_depth_and_admissions(monkeypatch):
+    from types import SimpleNamespace as NS
+
+    sent: list[tuple[str, float, dict]] = []
+    monkeypatch.setattr(M, "emit", lambda name, value, **tags: sent.append((name, value, tags)))
+    monkeypatch.setattr(M, "_sched_priorities", set())
+    jobs = [NS(job_id="a", priority=5, submitted_at=100.0, admitted=False),
+            NS(job_id="b", priority=5, submitted_at=101.0, admitted=False),
+            NS(job_id="c", priority=0, submitted_at=90.0, admitted=True)]
+    M.scheduler_observe(jobs, ["a"], now=110.0)
+    assert ("raybig_scheduler_admissions", 1, {"priority": "5"}) in sent
+    assert ("raybig_scheduler_wait_time_seconds", 10.0, {"priority": "5"}) in sent
+    depth = {t["priority"]: v for n, v, t in sent if n == "raybig_scheduler_queue_depth"}
+    assert depth == {"5": 1, "0": 0}
+    sent.clear()
+    M.scheduler_observe([], [], now=120.0)  # queues emptied: the gauges drop to 0, not vanish
+    assert {t["priority"]: v for n, v, t in sent} == {"5": 0, "0": 0}
