@@ -184,3 +184,21 @@ def test_report_from_files_alone(tmp_path):
     assert (sd / "curves.png").read_bytes()[:4] == b"\x89PNG"
     r = CliRunner().invoke(main, ["sweep", "report", str(tmp_path / "nope")])
     assert r.exit_code == 2 and "not a sweep directory" in r.output
+
+
+def test_optuna_search_is_seeded_and_takes_our_space():
+    from raybig.tune.runner import _search_alg, param_space
+
+    text = GOOD.replace("deepspeed.zero_stage: {grid: [2, 3]}",
+                        "deepspeed.zero_stage: 3\n  train.steps: {randint: [4, 6]}") + "algorithm: optuna\nseed: 5\n"
+    spec = load_spec_text(text)
+
+    def first_suggestions(n: int) -> list[dict]:
+        alg = _search_alg(spec)
+        assert alg.set_search_properties("val_loss", "min", param_space(spec))
+        return [alg.suggest(f"t{i}") for i in range(n)]
+
+    a, b = first_suggestions(3), first_suggestions(3)
+    assert a == b  # same seed, same trials
+    assert all(1e-5 <= s["train.lr"] <= 3e-3 and s["train.micro_batch_size"] in (2, 4, 8)
+               and 4 <= s["train.steps"] <= 6 for s in a)

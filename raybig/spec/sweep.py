@@ -89,7 +89,8 @@ class SweepSpec(Strict):
         "random", description="random sampling (grid axes crossed), grid only, or Optuna TPE.")
     seed: int = Field(0, ge=0, le=2**31 - 1, description="Seeds the search algorithm (reproducible sweeps).")
     num_samples: int | None = Field(None, ge=1, le=10_000, description="Trials to run (default: the grid's "
-                                    "size for grid, 8 otherwise). Must cover the grid.")
+                                    "size for grid, else 8 or the grid's size). Must cover the grid; "
+                                    "random sampling repeats the grid num_samples // grid times.")
     max_concurrent_trials: int = Field(1, ge=1, le=1024, description="Trials running at once.")
     metric: str = Field("val_loss", min_length=1, description="Reported metric to optimise.")
     mode: Literal["min", "max"] = Field("min", description="Minimise or maximise `metric`.")
@@ -154,7 +155,7 @@ class SweepSpec(Strict):
         g = self.grid_size()
         if self.algorithm == "grid":
             return self.num_samples // g * g if self.num_samples else g
-        n = self.num_samples or 8
+        n = self.num_samples or max(8, g)
         return n // g * g
 
     def horizon(self) -> int:
@@ -278,8 +279,6 @@ def check_budget(spec: SweepSpec) -> list[tuple[str, str]]:
     if spec.scheduler == "asha" and spec.grace_period > spec.horizon():
         out.append(("grace_period", f"grace_period={spec.grace_period} exceeds max_t={spec.horizon()} "
                     f"({spec.time_attr})"))
-    if spec.max_concurrent_trials > spec.total_trials() > 0:
-        pass  # harmless: Tune just runs what exists
     return out
 
 

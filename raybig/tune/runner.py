@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import sys
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -226,7 +227,8 @@ def run_sweep(spec: SweepSpec, address: str | None = None, python_path: list[str
                       f"{spec.total_trials()} trials, {spec.algorithm}, scheduler {spec.scheduler} -> {sweep_dir}")
     if on_tuner:
         on_tuner(tuner)
-    with pinned_ray_address():
+    # Tune prints its own tables on stdout; stdout is kept for our result (`--json`).
+    with pinned_ray_address(), contextlib.redirect_stdout(sys.stderr):
         tuner.fit()  # Tune catches Ctrl-C itself: it stops the trials, saves its state and returns
     report = write_report(sweep_dir, final=True)
     if not quiet:
