@@ -111,13 +111,22 @@ class LocalCluster:
             pathlib.Path(self.token_path).parent.mkdir(parents=True, exist_ok=True)
             pathlib.Path(self.token_path).write_text(secrets.token_hex(32))
             os.chmod(self.token_path, 0o600)
-        self.gcs_port, self.dashboard_port = free_port(), free_port()
-        temp = str(d / "tmp")
-        self._spawn(["--head", f"--port={self.gcs_port}", "--node-ip-address=127.0.0.1",
-                     "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}",
-                     f"--ray-client-server-port={free_port()}", f"--temp-dir={temp}",
-                     *self._common(self.head_cpus, self.head_resources)], "head.log")
-        self._wait_http(timeout)
+        # Ray gives a raylet a fixed 30 s to register; on an overloaded machine the head can miss
+        # that, so one failed start is retried on fresh ports.
+        for attempt in range(2):
+            self.gcs_port, self.dashboard_port = free_port(), free_port()
+            self._spawn(["--head", f"--port={self.gcs_port}", "--node-ip-address=127.0.0.1",
+                         "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}",
+                         f"--ray-client-server-port={free_port()}", f"--temp-dir={d / 'tmp'}",
+                         *self._common(self.head_cpus, self.head_resources)], "head.log")
+            try:
+                self._wait_http(timeout)
+                self.wait_nodes(1, timeout)
+                break
+            except (RuntimeError, TimeoutError):
+                self.down()
+                if attempt:
+                    raise
         for i in range(self.workers):
             self._spawn([f"--address={self.gcs_address}", "--node-ip-address=127.0.0.1",
                          *self._common(self.worker_cpus, self.worker_resources)], f"worker{i}.log")
@@ -157,6 +166,8 @@ class LocalCluster:
     def wait_nodes(self, n: int, timeout: float = 90) -> None:
         deadline = time.time() + timeout
         while time.time() < deadline:
+            if self._dead():
+                raise RuntimeError(f"a ray process exited during start-up; see {self.dir}/*.log")
             try:
                 if len(self.nodes()) >= n:
                     return

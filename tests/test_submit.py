@@ -1,0 +1,255 @@
+"""Cluster submission and the scheduler, against a real `ray start --head` with token auth on.
+
+One head per module (`raybig.cluster_local.LocalCluster`: its own ports, temp dir and token file,
+stopped by PID). It has 3 logical CPUs, so one 2-worker job (2 x 1 CPU + 0.5 CPU for the driver)
+runs at a time and the others queue. Jobs go through the real path: `raybig submit` -> Ray Jobs API
+-> holder entrypoint -> scheduler actor -> `run_spec`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+RAY = str(pathlib.Path(sys.executable).parent / "ray")
+
+pytestmark = [pytest.mark.cluster, pytest.mark.ray]
+
+PROBE = """kind: probe
+name: {name}
+resources: {{workers: 2, cpus_per_worker: 1}}
+seconds: {seconds}
+fail_attempts: {fail}
+max_retries: {retries}
+"""
+
+
+@pytest.fixture(scope="module")
+def cl(tmp_path_factory):
+    from raybig.cluster_local import LocalCluster
+
+    d = tmp_path_factory.mktemp("cluster")
+    c = LocalCluster(dir=str(d / "c"), workers=0, head_cpus=3,
+                     env={"RAYBIG_RETRY_BACKOFF_S": "0.3", "RAYBIG_SCHED_TICK_S": "0.3",
+                          "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "60"})
+    saved = {k: os.environ.get(k) for k in ("RAY_AUTH_TOKEN_PATH", "RAYBIG_HOME", "RAY_AUTH_TOKEN")}
+    try:
+        c.up()
+        os.environ["RAY_AUTH_TOKEN_PATH"] = c.token_path
+        os.environ["RAYBIG_HOME"] = str(d / "home")
+        os.environ.pop("RAY_AUTH_TOKEN", None)
+        c.tmp = d  # type: ignore[attr-defined]
+        yield c
+    finally:
+        c.down()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def cli(c, *args: str, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+    e = {**os.environ, "RAY_ADDRESS": c.address, **(env or {})}
+    return subprocess.run([sys.executable, "-m", "raybig", *args], capture_output=True, text=True,
+                          env=e, timeout=timeout, cwd=str(ROOT))
+
+
+def probe(c, name: str, seconds: float = 1, fail: int = 0, retries: int = 0) -> str:
+    p = c.tmp / f"{name}.yaml"
+    p.write_text(PROBE.format(name=name, seconds=seconds, fail=fail, retries=retries))
+    return str(p)
+
+
+def submit(c, spec: str, *extra: str) -> str:
+    r = cli(c, "submit", spec, *extra)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return r.stdout.strip().splitlines()[-1]
+
+
+def states(c, job_id: str) -> list[dict]:
+    """Every state line the job's holder printed, in order."""
+    from raybig.scheduler import client
+    from raybig.scheduler.meta import STATE_PREFIX
+
+    out = []
+    for line in client.logs(job_id, c.address).splitlines():
+        i = line.find(STATE_PREFIX)
+        if i >= 0:
+            out.append(json.loads(line[i + len(STATE_PREFIX):]))
+    return out
+
+
+def ray_status(c, job_id: str) -> str:
+    from raybig.jobs_client import call, connect
+
+    client, url = connect(c.address)
+    return str(call(url, client.get_job_status, job_id).value)
+
+
+def wait_for(pred, timeout: float = 120, every: float = 0.5, what: str = ""):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        v = pred()
+        if v:
+            return v
+        time.sleep(every)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def wait_done(c, job_id: str, timeout: float = 180) -> str:
+    return wait_for(lambda: (s := ray_status(c, job_id)) in ("SUCCEEDED", "FAILED", "STOPPED") and s,
+                    timeout, what=f"{job_id} to end")
+
+
+def started_at(c, job_id: str) -> list[float]:
+    return [s["t"] for s in states(c, job_id) if s["state"] == "RUNNING"]
+
+
+def on_cluster(c, code: str) -> str:
+    """Run a snippet in a fresh Python attached to the test cluster (this process may hold another Ray)."""
+    env = {**os.environ, "RAY_AUTH_MODE": "token"}
+    env.pop("RAY_ADDRESS", None)
+    pre = (f"import json, ray; ray.init(address={c.gcs_address!r}, logging_level='ERROR', "
+           "log_to_driver=False)\n")
+    r = subprocess.run([sys.executable, "-c", pre + code], capture_output=True, text=True, env=env,
+                       timeout=60)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return r.stdout.strip().splitlines()[-1]
+
+
+SNAPSHOT = ("from raybig.scheduler.meta import ACTOR_NAME, NAMESPACE\n"
+            "a = ray.get_actor(ACTOR_NAME, namespace=NAMESPACE)\n"
+            "print(json.dumps(ray.get(a.snapshot.remote())))")
+
+
+def fast_submit(c, spec_path: str, *overrides: str) -> str:
+    """The library path `raybig submit` uses, without a CLI start-up per job (keeps queue tests tight)."""
+    from raybig.scheduler import client
+    from raybig.spec import load_spec
+
+    spec = load_spec(spec_path, list(overrides))
+    return client.submit(spec, os.path.dirname(spec_path), c.address)[0]
+
+
+def test_train_job_submit_follow_status_logs(cl, tmp_path):
+    """A real training job through `raybig submit --follow`; status shows its progress; Ray's own
+    `ray job list` sees it."""
+    r = cli(cl, "submit", str(ROOT / "jobs/debug.yaml"), "--follow", "--set", f"storage.path={tmp_path}",
+            "--set", "sample.max_new_tokens=0", "--set", "train.steps=4", timeout=400)
+    assert r.returncode == 0, r.stderr[-3000:]
+    train = r.stdout.strip().splitlines()[0]
+    assert train.startswith("raybig-debug-") and "[raybig] metrics" in r.stdout
+    view = json.loads(cli(cl, "status", train, "--json").stdout)
+    assert view["state"] == "SUCCEEDED" and view["metrics"]["step"] == 4, view
+    assert (tmp_path / "debug" / "run.json").exists()
+    env = {**os.environ, "RAY_AUTH_MODE": "token"}
+    rl = subprocess.run([RAY, "job", "list", "--address", cl.address], capture_output=True, text=True,
+                        env=env, timeout=60)
+    assert rl.returncode == 0 and train in rl.stdout, rl.stderr[-1000:]
+    listed = json.loads(cli(cl, "list", "--all", "--json").stdout)
+    assert any(v["job_id"] == train and v["state"] == "SUCCEEDED" for v in listed)
+
+
+def test_queued_jobs_wait_say_why_and_run_by_priority(cl):
+    """With room for one job at a time, jobs of priorities 1, 5 and 3 wait behind a running one,
+    say why, and run in the order 5, 3, 1 once it stops."""
+    blocker = submit(cl, probe(cl, "blocker0", seconds=600), "--priority", "100")
+    wait_for(lambda: started_at(cl, blocker), 120, what="blocker RUNNING")
+    ids = {p: fast_submit(cl, probe(cl, f"pri{p}"), f"priority={p}") for p in (1, 5, 3)}
+
+    def waiting_reason():
+        from raybig.scheduler import client
+
+        v = client.get_view(ids[1], cl.address)
+        return v if v.state == "QUEUED" and v.reason == "waiting for 2.5 CPU; 2 jobs ahead" else None
+
+    v1 = wait_for(waiting_reason, 60, what="a queue reason")
+    assert v1.position == 3 and v1.reason == "waiting for 2.5 CPU; 2 jobs ahead", v1
+    q = cli(cl, "queue", "--json")
+    assert q.returncode == 0, q.stderr
+    order = [v["job_id"] for v in json.loads(q.stdout) if v["state"] in ("QUEUED", "PENDING")]
+    assert order == [ids[5], ids[3], ids[1]]
+    st = cli(cl, "status", ids[1])
+    assert "queue position 3" in st.stdout and "2 jobs ahead" in st.stdout, st.stdout
+    assert cli(cl, "stop", blocker).returncode == 0
+    for i in ids.values():
+        assert wait_done(cl, i) == "SUCCEEDED"
+    t = {p: started_at(cl, i) for p, i in ids.items()}
+    assert all(len(v) == 1 for v in t.values()), t  # each ran exactly once
+    assert t[5][0] < t[3][0] < t[1][0], t
+
+
+def test_failing_job_is_retried_then_failed(cl):
+    job = fast_submit(cl, probe(cl, "flaky", seconds=0.2, fail=10, retries=2))
+    assert wait_done(cl, job, 120) == "FAILED"
+    assert len(started_at(cl, job)) == 3  # the first attempt + max_retries
+    r = cli(cl, "status", job)
+    assert "FAILED" in r.stdout and "probe failure on attempt 3" in r.stdout, r.stdout
+
+
+def test_stop_queued_and_running_jobs_frees_resources(cl):
+    blocker = submit(cl, probe(cl, "blocker", seconds=300))
+    wait_for(lambda: started_at(cl, blocker), 60, what="blocker RUNNING")
+    queued = fast_submit(cl, probe(cl, "queued", seconds=1))
+    wait_for(lambda: any(s["state"] == "QUEUED" for s in states(cl, queued)), 60, what="queued")
+    r = cli(cl, "stop", queued)
+    assert r.returncode == 0 and "STOPPED" in r.stdout, r.stderr
+    assert not started_at(cl, queued)  # it never ran
+    # Ray's own CLI stops a raybig job too, and its placement group goes with it.
+    env = {**os.environ, "RAY_AUTH_MODE": "token"}
+    rs = subprocess.run([RAY, "job", "stop", blocker, "--address", cl.address],
+                        capture_output=True, text=True, env=env, timeout=60)
+    assert rs.returncode == 0, rs.stderr[-1000:]
+    assert wait_done(cl, blocker, 60) == "STOPPED"
+    free = lambda: json.loads(on_cluster(cl, "print(json.dumps(ray.available_resources()))"))  # noqa: E731
+    wait_for(lambda: free().get("CPU", 0) >= 3, 30, every=1, what="all 3 CPUs free again")
+    # --follow streams until the job ends.
+    job = fast_submit(cl, probe(cl, "followed", seconds=0.5))
+    f = cli(cl, "logs", job, "--follow")
+    assert f.returncode == 0 and "probe holds 2 bundle(s)" in f.stdout, f.stdout[-2000:]
+
+
+def test_scheduler_restart_loses_nothing_and_runs_each_once(cl):
+    blocker = submit(cl, probe(cl, "before-crash", seconds=5))
+    wait_for(lambda: started_at(cl, blocker), 60, what="blocker RUNNING")
+    low = fast_submit(cl, probe(cl, "low", seconds=0.5), "priority=1")
+    high = fast_submit(cl, probe(cl, "high", seconds=0.5), "priority=2")
+    wait_for(lambda: all(any(s["state"] == "QUEUED" for s in states(cl, j)) for j in (low, high)), 60,
+             what="both queued")
+    before = json.loads(on_cluster(cl, SNAPSHOT))
+    os.kill(before["pid"], signal.SIGKILL)  # the actor process is on this machine: a hard crash
+    for j in (blocker, high, low):
+        assert wait_done(cl, j, 120) == "SUCCEEDED"
+    after = json.loads(on_cluster(cl, SNAPSHOT))
+    assert after["pid"] != before["pid"] and after["started"] > before["started"]
+    t = {j: started_at(cl, j) for j in (blocker, high, low)}
+    assert all(len(v) == 1 for v in t.values()), t
+    assert t[blocker][0] < t[high][0] < t[low][0], t
+
+
+def test_clear_one_line_errors(cl, tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("kind: probe\nname: bad\nsecnds: 3\n")
+    cases = [
+        (("submit", str(bad)), {}, 2, "did you mean"),
+        (("list", "--address", "http://127.0.0.1:9"), {}, 3, "cannot reach"),
+        (("list",), {"RAY_AUTH_TOKEN_PATH": str(tmp_path / "none"), "HOME": str(tmp_path)}, 3, "token"),
+        (("list",), {"RAY_AUTH_TOKEN": "0" * 64}, 3, "wrong token"),
+        (("status", "raybig-no-such-job"), {}, 3, "no job 'raybig-no-such-job'"),
+        (("stop", "raybig-no-such-job"), {}, 3, "no job"),
+    ]
+    for args, env, code, text in cases:
+        r = cli(cl, *args, env=env, timeout=60)
+        err = r.stderr.strip()
+        assert r.returncode == code, (args, r.returncode, err)
+        assert text in err and "Traceback" not in err, (args, err)
+        assert len([ln for ln in err.splitlines() if ln.startswith("error")]) >= 1
