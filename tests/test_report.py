@@ -123,3 +123,49 @@ def assert_real_png(path: pathlib.Path) -> None:
     ink = (img[..., :3].sum(axis=-1) < 2.9).mean()
     assert 0.01 < ink < 0.6, ink
     assert img[..., :3].std() > 0.05
+
+
+SWEEP_YAML = """kind: sweep
+name: grid
+base:
+  kind: train
+  name: trial
+  model: {preset: gpt-debug}
+  data: {path: "stdlib://", seq_len: 32, max_bytes: 200000}
+  train: {steps: 8, micro_batch_size: 4, lr: 0.003, warmup_steps: 1, eval_every: 2, log_every: 2}
+search:
+  train.lr: {grid: [3.0, 0.003]}
+algorithm: grid
+metric: val_loss
+mode: min
+storage: {path: STORAGE}
+"""
+
+
+def fake_sweep(root: pathlib.Path) -> pathlib.Path:
+    """A finished 2-trial sweep dir in the layout raybig.tune writes (sweep.yaml, status.json, trials/)."""
+    sweep = root / "runs" / "grid"
+    status = {}
+    for i, (lr, vals) in enumerate([(3.0, [5.35, 214.3, 153.3]), (0.003, [5.35, 4.80, 4.43])]):
+        name = f"trial_x_0000{i}"
+        t = sweep / "trials" / name
+        t.mkdir(parents=True)
+        (t / "trial.json").write_text(json.dumps({"trial_id": f"x_0000{i}", "name": name,
+                                                  "params": {"train.lr": lr}, "state": "finished",
+                                                  "starts": 1, "error": None}))
+        (t / "curve.jsonl").write_text("".join(json.dumps({"step": s, "val_loss": v, "loss": v, "fresh": True,
+                                                           "tokens": s * 256}) + "\n"
+                                               for s, v in zip((2, 4, 8), vals, strict=True)))
+        status[name] = {"trial_id": f"x_0000{i}", "state": "terminated", "config": {"train.lr": lr}, "step": 8}
+    (sweep / "status.json").write_text(json.dumps(status))
+    (sweep / "sweep.yaml").write_text(SWEEP_YAML.replace("STORAGE", str(root / "runs")))
+    return sweep
+
+
+def test_report_on_a_sweep_plots_the_trial_curves(tmp_path):
+    sweep = fake_sweep(tmp_path)
+    r = CliRunner().invoke(main, ["report", str(sweep)])
+    assert r.exit_code == 0, r.output
+    assert "sweep grid: 2 trials (2 finished)" in r.output
+    assert_real_png(sweep / "curves.png")
+    assert "trial_x_00001" in (sweep / "trials.md").read_text()
