@@ -227,7 +227,9 @@ def test_autoscales_to_max_and_back_seen_by_serve_status(ckpt, dash):
     assert running == 1
 
 
-def test_redeploy_is_idempotent_and_serve_down_removes(ckpt, dash):
+def test_redeploy_is_idempotent_new_checkpoint_rolls_over_and_serve_down_removes(ckpt, dash, tmp_path):
+    import shutil
+
     from click.testing import CliRunner
 
     from raybig.cli import main
@@ -237,6 +239,31 @@ def test_redeploy_is_idempotent_and_serve_down_removes(ckpt, dash):
     assert deploy("t-redo", ckpt, dash) == url
     time.sleep(2)
     assert _replica_ids(dash, "t-redo") == before  # same config: nothing restarted
+    # A new checkpoint (a copy elsewhere) changes the app's args: Serve rolls the replica over
+    # while requests keep being answered.
+    shutil.copytree(os.path.join(ckpt, "export"), tmp_path / "export")
+    codes: list[int] = []
+    stop = threading.Event()
+
+    def client():
+        while not stop.is_set():
+            codes.append(requests.post(f"{url}/completions", json={"prompt": "a", "max_tokens": 4},
+                                       timeout=120).status_code)
+
+    t = threading.Thread(target=client, daemon=True)
+    t.start()
+    try:
+        deploy("t-redo", str(tmp_path / "export"), dash)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and (_replica_ids(dash, "t-redo") & before or len(codes) < 3):
+            time.sleep(0.5)
+        n = len(codes)
+        while len(codes) < n + 2 and time.monotonic() < deadline:
+            time.sleep(0.2)
+    finally:
+        stop.set()
+        t.join(timeout=120)
+    assert not (_replica_ids(dash, "t-redo") & before) and len(codes) >= 3 and set(codes) == {200}, codes
     res = CliRunner().invoke(main, ["serve", "down", "t-redo", "--address", dash])
     assert res.exit_code == 0 and "removed t-redo" in res.output
     deadline = time.monotonic() + 60
