@@ -44,11 +44,15 @@ max_concurrent_trials: {conc}
 def run(name: str, scheduler: str, args: argparse.Namespace) -> dict:
     from raybig.spec import load_spec_text
     from raybig.tune import run_sweep
+    from raybig.tune.report import write_report
 
     text = TEMPLATE.format(name=name, storage=args.storage, steps=args.steps, grace=args.steps // 8,
                            lrs=LRS, scheduler=scheduler, rf=args.rf, conc=args.concurrent)
     t0 = time.time()
-    rep = run_sweep(load_spec_text(text), quiet=True)
+    if args.report_only:  # re-read a finished run's files (e.g. after a report-format fix)
+        rep = write_report(f"{args.storage}/{name}", final=True)
+    else:
+        rep = run_sweep(load_spec_text(text), quiet=True)
     done = [r for r in rep["trials"] if r["state"] == "finished"]
     return {"name": name, "trials": len(rep["trials"]),
             "stopped": sum(r["state"] == "stopped early" for r in rep["trials"]),
@@ -62,12 +66,14 @@ def main() -> None:
     p.add_argument("--rf", type=float, default=2.0, help="ASHA reduction factor")
     p.add_argument("--concurrent", type=int, default=1, help="trials at once")
     p.add_argument("--storage", default="/tmp/raybig-bench-sweep")
+    p.add_argument("--report-only", action="store_true", help="tabulate an earlier run's files; train nothing")
     args = p.parse_args()
-    shutil.rmtree(args.storage, ignore_errors=True)
+    if not args.report_only:
+        shutil.rmtree(args.storage, ignore_errors=True)
 
-    from raybig.ray_env import ensure_ray
+        from raybig.ray_env import ensure_ray
 
-    ensure_ray(num_cpus=4, dashboard=True)  # the dashboard frees ASHA-stopped trials' workers
+        ensure_ray(num_cpus=4, dashboard=True)  # the dashboard frees ASHA-stopped trials' workers
     grid = run("grid", "none", args)
     asha = run("asha", "asha", args)
     print(f"\n{len(LRS)} learning rates {LRS}, gpt-debug, seq_len 64, {args.steps} steps max, 2 workers "

@@ -48,7 +48,8 @@ def collect(sweep_dir: str, final: bool = False) -> list[dict[str, Any]]:
             "params": info.get("params") or st.get("config") or {},
             "state": _state(info.get("state"), st.get("state"), curve, steps_target, final),
             "steps": curve[-1]["step"] if curve else 0, "steps_target": steps_target,
-            "metric": last, "best": best, "starts": info.get("starts", 0), "error": info.get("error"),
+            "metric": last, "best": best, "starts": info.get("starts", 0),
+            "error": info.get("error") if st.get("state") != "terminated" else None,
             "tokens": curve[-1].get("tokens", 0) if curve else 0,
             "checkpoint": _uri(sweep_dir, ckpts[-1]) if ckpts else None,
             "export": export if storage.exists(f"{export}/config.json") else None, "run_dir": tdir,
@@ -73,12 +74,16 @@ def _trial_steps(tdir: str) -> int | None:
 
 
 def _state(trial_state: str | None, tune_state: str | None, curve: list, target: int, final: bool) -> str:
-    if trial_state == "failed" or tune_state == "error":
+    # Tune's word wins: a trial ASHA stops dies with its Train controller, and its own record may
+    # then say "failed" (ActorDiedError) although Tune ended it on purpose.
+    if tune_state == "error":
         return "failed"
     if trial_state == "finished" or (curve and curve[-1]["step"] >= target and tune_state == "terminated"):
         return "finished"
     if tune_state == "terminated":
         return "stopped early"  # Tune ended it (ASHA) before its last step
+    if trial_state == "failed":
+        return "failed"
     if trial_state == "running" or tune_state == "running":
         return "interrupted" if final else "running"
     return "pending"

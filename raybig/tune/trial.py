@@ -62,9 +62,10 @@ class SweepReportCallback(TuneReportCallback):
     Tune refuses results without it.
     """
 
-    def __init__(self, trial_dir: str, metric: str, tokens_per_step: int):
+    def __init__(self, trial_dir: str, metric: str, tokens_per_step: int, last_step: int):
         super().__init__()
         self.trial_dir, self.metric, self.tokens_per_step = trial_dir, metric, tokens_per_step
+        self.last_step = last_step
         self.carry: dict[str, Any] | None = None
 
     def _load_carry(self) -> dict[str, Any]:
@@ -95,7 +96,10 @@ class SweepReportCallback(TuneReportCallback):
         fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
         with fs.open(path, "a") as f:
             f.write(json.dumps(record) + "\n")
-        if self.metric in m:
+        # The last report is held back: ASHA stops a trial that reaches max_t (or loses at the top
+        # rung) at once, which would kill it while it still writes its export. The trial function
+        # reports it to Tune itself once fit() has returned.
+        if self.metric in m and int(m["step"]) < self.last_step:
             self._training_actor_item_queue.put(m)
 
 
@@ -127,7 +131,8 @@ def run_trial(config: dict[str, Any], sweep: Any, sweep_dir: str, python_path: l
         write_run_record(spec, tdir)
         t = spec.train
         cb = SweepReportCallback(tdir, sweep.metric,
-                                 t.micro_batch_size * t.grad_accum * spec.data.seq_len * spec.resources.workers)
+                                 t.micro_batch_size * t.grad_accum * spec.data.seq_len * spec.resources.workers,
+                                 last_step=t.steps)
         build_trainer(spec, callbacks=[cb], name=name, storage_path=root, python_path=python_path).fit()
     except BaseException as e:
         info.update(state="failed", error=one_line(e))
@@ -135,6 +140,9 @@ def run_trial(config: dict[str, Any], sweep: Any, sweep_dir: str, python_path: l
         raise
     info["state"] = "finished"
     storage.write_text(info_uri, json.dumps(info, indent=2))
+    final = [r for r in read_curve(tdir) if int(r["step"]) >= spec.train.steps]
+    if final and sweep.metric in final[-1]:
+        ray.tune.report({k: v for k, v in final[-1].items() if k not in ("fresh", "time")})
 
 
 def one_line(e: BaseException) -> str:
