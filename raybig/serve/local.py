@@ -68,13 +68,14 @@ def run_serve(spec: ServeSpec, address: str | None = None, as_json: bool = False
     except KeyboardInterrupt:
         console.print(f"stopping {spec.name!r}")
         try:
-            delete_app(spec.name, res["dashboard"])
-        finally:
-            if res.get("embedded"):
+            if res.get("embedded"):  # our own Ray: stop Serve as a whole
                 from ray import serve
 
                 serve.shutdown()
-            if os.path.exists(STATE_FILE):
+            else:  # a shared cluster: remove only this app
+                delete_app(spec.name, res["dashboard"])
+        finally:
+            if res.get("embedded") and os.path.exists(STATE_FILE):
                 os.remove(STATE_FILE)
         return res
 
