@@ -237,11 +237,13 @@ def test_scheduler_restart_loses_nothing_and_runs_each_once(cl):
 
 
 def test_clear_one_line_errors(cl, tmp_path):
+    from raybig.ray_env import free_port
+
     bad = tmp_path / "bad.yaml"
     bad.write_text("kind: probe\nname: bad\nsecnds: 3\n")
     cases = [
         (("submit", str(bad)), {}, 2, "did you mean"),
-        (("list", "--address", "http://127.0.0.1:9"), {}, 3, "cannot reach"),
+        (("list", "--address", f"http://127.0.0.1:{free_port()}"), {}, 3, "cannot reach"),
         (("list",), {"RAY_AUTH_TOKEN_PATH": str(tmp_path / "none"), "HOME": str(tmp_path)}, 3, "token"),
         (("list",), {"RAY_AUTH_TOKEN": "0" * 64}, 3, "wrong token"),
         (("status", "raybig-no-such-job"), {}, 3, "no job 'raybig-no-such-job'"),
