@@ -28,6 +28,24 @@ def rss() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def live_tensor_bytes() -> int:
+    """Bytes of every distinct tensor storage alive in this process (params, grads, optimizer state,
+    DeepSpeed's flat buffers and partitions): RSS can't show ZeRO's savings, because the allocator
+    keeps pages that freed full-size buffers used."""
+    import gc
+
+    gc.collect()
+    seen: dict[int, int] = {}
+    for obj in gc.get_objects():
+        try:
+            if isinstance(obj, torch.Tensor) and obj.device.type == "cpu":
+                st = obj.untyped_storage()
+                seen[st.data_ptr()] = st.nbytes()
+        except Exception:
+            continue
+    return sum(seen.values())
+
+
 def main(spec_path: str, out: str) -> None:
     spec = load_spec(spec_path)
     disable_shm_comm_build()
@@ -46,6 +64,8 @@ def main(spec_path: str, out: str) -> None:
             x, y = batches.train_batch(step, micro)
             loss = engine(x, y)
             engine.backward(loss)
+            if step == spec.train.steps - 1 and micro == spec.train.grad_accum - 1:
+                held = live_tensor_bytes()  # grads and optimizer state both alive: the model-state peak
             engine.step()
         dist.barrier()
         times.append(time.perf_counter() - t0)
@@ -53,12 +73,12 @@ def main(spec_path: str, out: str) -> None:
             first_step_at = time.time()
     rss_after = rss()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    stats = torch.tensor([float(rss_after - rss0), float(peak)])
+    stats = torch.tensor([float(rss_after - rss0), float(peak), float(held)])
     dist.all_reduce(stats, op=dist.ReduceOp.MAX)
     if rank == 0:
         with open(out, "w") as f:
             json.dump({"step_times": times, "first_step_after_s": first_step_at - T_PROCESS,
-                       "loss": float(loss.item()), "state_bytes": stats[0].item(),
+                       "loss": float(loss.item()), "rss_growth": stats[0].item(), "tensor_bytes": stats[2].item(),
                        "peak_rss": stats[1].item()}, f)
 
 

@@ -29,7 +29,7 @@ name: {name}
 seed: 0
 model: {{preset: {preset}}}
 data: {{path: "stdlib://", seq_len: {seq}}}
-train: {{steps: {steps}, micro_batch_size: {mbs}, lr: 1.0e-3, warmup_steps: 2, eval_every: 100000,
+train: {{steps: {steps}, micro_batch_size: {mbs}, lr: 1.0e-3, warmup_steps: 1, eval_every: 100000,
         eval_batches: 1, log_every: 1}}
 deepspeed: {{zero_stage: {stage}}}
 resources: {{workers: 2, cpus_per_worker: 1}}
@@ -113,17 +113,19 @@ def memory(args: argparse.Namespace) -> None:
     from raybig.train.memory import estimate, human
 
     tmp = tempfile.mkdtemp(prefix="raybig-bench-")
-    print(f"\n{args.mem_preset}, 2 CPU workers, fp32, Adam; per-rank RSS growth from model build to after "
-          f"{args.mem_steps} steps (max over ranks) vs ZeRO formula\n")
-    print("| ZeRO stage | formula: model states / rank | measured RSS growth / rank | measured / formula |")
-    print("|---:|---:|---:|---:|")
+    print(f"\n{args.mem_preset}, 2 CPU workers, fp32, Adam, after {args.mem_steps} steps, measured after the last backward; max over ranks of the "
+          f"bytes held by live tensors (params, grads, optimizer state, DeepSpeed buffers) vs the ZeRO "
+          f"formula; RSS growth for reference\n")
+    print("| ZeRO stage | formula / rank | live tensors / rank | measured / formula | RSS growth / rank |")
+    print("|---:|---:|---:|---:|---:|")
     for stage in (0, 1, 2, 3):
         path = os.path.join(tmp, f"m{stage}.yaml")
         with open(path, "w") as f:
             f.write(spec_text(f"m{stage}", tmp, args.mem_preset, stage, args.mem_steps, 1, 64))
         est = estimate(load_spec(path)).total
-        got = run_plain(path)["state_bytes"]
-        print(f"| {stage} | {human(est)} | {human(got)} | {got / est:.2f} |")
+        res = run_plain(path)
+        got = res["tensor_bytes"]
+        print(f"| {stage} | {human(est)} | {human(got)} | {got / est:.2f} | {human(res['rss_growth'])} |")
 
 
 if __name__ == "__main__":

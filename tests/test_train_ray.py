@@ -90,24 +90,26 @@ def test_resume_matches_uninterrupted_run(ray_local, storage_dir):
 def test_killed_worker_is_replaced_and_resumes(ray_local, storage_dir):
     from ray.util.state import list_actors
 
-    spec = tiny(storage_dir, "killed", **{"train.steps": 40, "checkpoint.every": 10})
+    spec = tiny(storage_dir, "killed", **{"train.steps": 60, "checkpoint.every": 10})
     killed: list[int] = []
     lock = threading.Lock()
 
     def on_metrics(m):
         with lock:
-            if killed or m.get("step", 0) < 12:
+            # Progress arrives ahead of the controller registering a checkpoint: wait for two.
+            if killed or m.get("step", 0) < 25:
                 return
-            workers = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+            workers = list_actors(address=f"http://{ray_local['dashboard_url']}",
+                                  filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
             pid = workers[-1].pid
             os.kill(pid, 9)
             killed.append(pid)
 
     res = run_train(spec, on_metrics=on_metrics)
     assert killed, "the run finished before a worker could be killed"
-    assert res.metrics["step"] == 40
+    assert res.metrics["step"] == 60
     restored = [h["restored_step"] for h in res.history if "restored_step" in h]
-    assert restored and restored[-1] in (10, 20, 30), res.history
+    assert restored and restored[-1] in (10, 20, 30, 40, 50), res.history
 
 
 def test_plugin_model_trains(ray_local, storage_dir):
