@@ -70,7 +70,7 @@ def in_process_latency(ckpt: str, max_tokens: int, n: int = 20) -> float:
     return statistics.median(ts) * 1e3
 
 
-def serve_section(ckpt: str, max_tokens: int) -> list[str]:
+def serve_section(ckpt: str, max_tokens: int, batch_wait: float) -> list[str]:
     import ray
     from ray import serve
 
@@ -82,7 +82,8 @@ def serve_section(ckpt: str, max_tokens: int) -> list[str]:
     serve.start(http_options={"host": "127.0.0.1", "port": free_port()})
     dash = f"http://{info['dashboard_url']}"
     urls = {}
-    for name, batching in (("b-on", "{max_batch_size: 32, max_ongoing_requests: 64, batch_wait_timeout_s: 0.005}"),
+    on = f"{{max_batch_size: 32, max_ongoing_requests: 64, batch_wait_timeout_s: {batch_wait}}}"
+    for name, batching in (("b-on", on),
                            ("b-off", "{enabled: false, max_ongoing_requests: 64}")):
         spec = load_spec_text(f"kind: serve\nname: {name}\ncheckpoint: {ckpt}\nroute_prefix: /{name}\n"
                               f"resources: {{num_cpus: 1}}\nbatching: {batching}\n"
@@ -161,6 +162,7 @@ def main() -> None:
     ap.add_argument("--skip-engine", action="store_true")
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--skip-serve", action="store_true")
+    ap.add_argument("--batch-wait", type=float, default=0.05, help="batch_wait_timeout_s with batching on")
     a = ap.parse_args()
     with tempfile.TemporaryDirectory() as root:
         ckpt = make_export(a.preset, root)
@@ -169,8 +171,8 @@ def main() -> None:
                                                                                  a.reps)
             print("\n".join(out), flush=True)
         if not a.skip_serve:
-            out = ["", f"### Ray Serve ({a.preset}, 1 replica of 1 CPU, {a.max_tokens} new tokens/request)",
-                   ""] + serve_section(ckpt, a.max_tokens)
+            out = ["", f"### Ray Serve ({a.preset}, 1 replica of 1 CPU, {a.max_tokens} new tokens/request, "
+                   f"batch_wait_timeout_s {a.batch_wait})", ""] + serve_section(ckpt, a.max_tokens, a.batch_wait)
             print("\n".join(out), flush=True)
 
 
