@@ -179,3 +179,20 @@ def test_serve_config_is_declarative_and_holds_no_key(tmp_path, monkeypatch, gpt
     assert dep["max_ongoing_requests"] >= app["args"]["max_batch_size"]
     assert "super-secret-key" not in json.dumps(cfg) and len(app["args"]["api_key_sha256"]) == 64
     assert serve_config(spec) == cfg  # same spec, same config: redeploy is a no-op
+
+
+def test_raybig_run_serve_user_errors_are_one_line(tmp_path, monkeypatch, gpt):
+    from click.testing import CliRunner
+
+    from raybig.cli import main
+    from raybig.train.export import write_export
+
+    spec = tmp_path / "serve.yaml"
+    spec.write_text(f"kind: serve\nname: app\ncheckpoint: {tmp_path / 'nothing'}\n")
+    res = CliRunner().invoke(main, ["run", str(spec)])
+    assert res.exit_code == 1 and "holds no raybig export" in res.output and "Traceback" not in res.output
+    write_export(str(tmp_path / "run"), gpt.state_dict(), gpt.config.to_dict(), tied=GPT.tied_keys)
+    monkeypatch.delenv("NOT_SET_KEY", raising=False)
+    spec.write_text(f"kind: serve\nname: app\ncheckpoint: {tmp_path / 'run'}\napi_key_env: NOT_SET_KEY\n")
+    res = CliRunner().invoke(main, ["run", str(spec)])
+    assert res.exit_code == 1 and "NOT_SET_KEY is not set" in res.output

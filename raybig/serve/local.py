@@ -31,7 +31,9 @@ def start_serve(spec: ServeSpec, address: str | None = None) -> dict[str, Any]:
     from ray import serve
 
     from raybig.ray_env import ensure_ray
+    from raybig.serve.deploy import app_args
 
+    app_args(spec)  # a missing export or an unset key env var fails here, before Ray starts
     need = spec.resources.num_cpus * max(1, spec.autoscaling.min_replicas, spec.autoscaling.initial_replicas or 0)
     info = ensure_ray(address, num_cpus=need + 1, dashboard=True)
     dash = dashboard_address(info.get("dashboard_url") or _connected_dashboard())
