@@ -154,7 +154,7 @@ max_concurrent_trials: 1
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
     # Interrupt once at least one trial is done and another one is mid-training (past a checkpoint).
-    deadline = time.time() + 300
+    deadline = time.time() + 600
     interrupted = None
     while time.time() < deadline and proc.poll() is None:
         st = _status(sweep_dir)
