@@ -66,6 +66,7 @@ class LocalCluster:
     gcs_port: int = 0
     dashboard_port: int = 0
     token_path: str = ""
+    temp_dir: str = ""  # Ray's --temp-dir (session logs live here)
 
     @property
     def address(self) -> str:
@@ -107,6 +108,9 @@ class LocalCluster:
         d.mkdir(parents=True, exist_ok=True)
         if not self.token_path:
             self.token_path = str(d / "auth_token")
+        if not self.temp_dir:
+            # Short on purpose: Ray's socket paths under it must stay below 107 bytes.
+            self.temp_dir = f"/tmp/raybig-{secrets.token_hex(4)}"
         if not pathlib.Path(self.token_path).exists():
             pathlib.Path(self.token_path).parent.mkdir(parents=True, exist_ok=True)
             pathlib.Path(self.token_path).write_text(secrets.token_hex(32))
@@ -117,7 +121,7 @@ class LocalCluster:
             self.gcs_port, self.dashboard_port = free_port(), free_port()
             self._spawn(["--head", f"--port={self.gcs_port}", "--node-ip-address=127.0.0.1",
                          "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}",
-                         f"--ray-client-server-port={free_port()}", f"--temp-dir={d / 'tmp'}",
+                         f"--ray-client-server-port={free_port()}", f"--temp-dir={self.temp_dir}",
                          *self._common(self.head_cpus, self.head_resources)], "head.log")
             try:
                 self._wait_http(timeout)
@@ -127,11 +131,21 @@ class LocalCluster:
                 self.down()
                 if attempt:
                     raise
+        # Workers one at a time (each gets the same 30 s window), each retried once.
         for i in range(self.workers):
-            self._spawn([f"--address={self.gcs_address}", "--node-ip-address=127.0.0.1",
-                         *self._common(self.worker_cpus, self.worker_resources)], f"worker{i}.log")
+            for attempt in range(2):
+                pid = self._spawn([f"--address={self.gcs_address}", "--node-ip-address=127.0.0.1",
+                                   *self._common(self.worker_cpus, self.worker_resources)], f"worker{i}.log")
+                try:
+                    self.wait_nodes(2 + i, timeout)
+                    break
+                except (RuntimeError, TimeoutError):
+                    _kill_group(pid)
+                    self.pids.remove(pid)
+                    if attempt:
+                        self.down()
+                        raise
         self.save()
-        self.wait_nodes(1 + self.workers, timeout)
         return self
 
     def _wait_http(self, timeout: float) -> None:
@@ -223,6 +237,17 @@ class LocalCluster:
         if not f.exists():
             return None
         return LocalCluster(**json.loads(f.read_text()))
+
+
+def _kill_group(pid: int) -> None:
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    try:
+        os.waitpid(pid, 0)
+    except ChildProcessError:
+        pass
 
 
 def _is_zombie(pid: int) -> bool:

@@ -42,11 +42,13 @@ def test_zero3_job_spans_two_worker_nodes(tmp_path):
         code = ("import json, ray\n"
                 f"ray.init(address={c.gcs_address!r}, logging_level='ERROR', log_to_driver=False)\n"
                 "from ray.util.state import list_actors\n"
-                "a = list_actors(filters=[('class_name', '=', 'RayTrainWorker')], limit=100)\n"
+                f"a = list_actors(address={c.gcs_address!r}, filters=[('class_name', '=', 'RayTrainWorker')],"
+                " limit=100, detail=True)\n"
                 "print(json.dumps(sorted({x.node_id for x in a})))")
         e2 = {**env, "RAY_AUTH_MODE": "token"}
         e2.pop("RAY_ADDRESS")
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=e2, timeout=120)
+        assert out.returncode == 0, out.stderr[-2000:]
         nodes = json.loads(out.stdout.strip().splitlines()[-1])
         assert len(nodes) == 2, nodes
     finally:
