@@ -10,12 +10,14 @@ explicit may-be-empty allowlist. Sweep and scheduler emitters are driven directl
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pathlib
 import re
 import shutil
 import subprocess
+import threading
 import time
 import urllib.parse
 import urllib.request
@@ -124,10 +126,11 @@ def wait_for(prom: str, exprs: list[str], timeout_s: float = 90) -> list[str]:
     return missing
 
 
-def emit_sweep_and_scheduler_events() -> None:
+def keep_traffic(stop: threading.Event, serve_url: str) -> None:
     """A real sweep takes over a minute on CI and the scheduler needs a `ray start` cluster, so their
-    emitters are driven here, in this Ray driver, with the events they would see; the values go through
-    Ray's real metrics path to Prometheus like any other."""
+    emitters are driven here, in this Ray driver, with the events they would see, once a second like
+    the scheduler's tick (Ray drops a gauge that is not set for ~20 s); the values go through Ray's
+    real metrics path to Prometheus like any other. A completion every second keeps Serve's rates up."""
     from types import SimpleNamespace as NS
 
     from raybig.metrics import TrainMetrics, scheduler_observe, scheduler_retry
@@ -139,12 +142,19 @@ def emit_sweep_and_scheduler_events() -> None:
     cb.on_trial_result(1, trials, trials[0], {"val_loss": 3.0})
     cb.on_trial_result(2, trials, trials[0], {"val_loss": 2.5})
     assert cb.best == 2.5
-    TrainMetrics("obs-sweep", "obs-sweep-t1", "t1").report({"step": 2, "val_loss": 2.5, "tokens_per_s": 100.0})
-    now = time.time()
-    jobs = [NS(job_id="a", priority=5, submitted_at=now - 3, admitted=False),
-            NS(job_id="b", priority=1, submitted_at=now - 1, admitted=False)]
-    scheduler_observe(jobs, ["a"], now)
-    scheduler_retry(5, "RuntimeError")
+    i = 0
+    while not stop.is_set():
+        cb.on_trial_result(3 + i, trials, trials[0], {"val_loss": 2.6})
+        TrainMetrics("obs-sweep", "obs-sweep-t1", "t1").report({"step": 2 + i, "val_loss": 2.5,
+                                                                 "tokens_per_s": 100.0})
+        now = time.time()
+        jobs = [NS(job_id=f"a{i}", priority=5, submitted_at=now - 3, admitted=False),
+                NS(job_id="b", priority=1, submitted_at=now - 1, admitted=False)]
+        scheduler_observe(jobs, [f"a{i}"], now)
+        scheduler_retry(5, "RuntimeError")
+        _post(f"{serve_url}/completions", {"model": "obs-serve", "prompt": "x", "max_tokens": 2})
+        i += 1
+        stop.wait(1.0)
 
 
 @pytest.fixture(scope="module")
@@ -184,19 +194,26 @@ def world(ray_local, tmp_path_factory):
                                                   "stream": i % 2 == 1}) for i in range(8)]
         codes.append(_post(f"{base}/completions", {"model": "obs-serve", "max_tokens": -1}))  # a 400
         assert codes.count(200) == 8, codes
-        emit_sweep_and_scheduler_events()
+        stop = threading.Event()
+        pump = threading.Thread(target=keep_traffic, args=(stop, base), daemon=True)
+        pump.start()
         # Ray pushes metrics to its agent every few seconds; rates need two scrapes of a series.
         missing = wait_for(prom, [
             "max_over_time(ray_raybig_train_loss[10m])", "rate(ray_raybig_serve_requests_total[30s])",
             "rate(ray_serve_num_http_requests_total[30s])", "rate(ray_serve_http_request_latency_ms_count[30s])",
             "ray_node_cpu_utilization", "ray_raybig_sweep_trials", 'ray_raybig_train_val_loss{trial!=""}',
             "increase(ray_raybig_scheduler_admissions_total[30s])",
-            "increase(ray_raybig_scheduler_retries_total[30s])"])
+            "increase(ray_raybig_scheduler_retries_total[30s])",
+            "rate(ray_raybig_scheduler_wait_time_seconds_count[30s])"])
         assert not missing, f"never scraped: {missing}"
+        time.sleep(5)  # a few more scrapes: range queries step on a 1 s grid that may miss the newest two
         phases["all scraped"] = time.time() - start
         print(f"\nprometheus world ready (s since start): {phases}")
         yield {"prom": prom, "start": start, "run_dir": result.run_dir}
     finally:
+        with contextlib.suppress(NameError):
+            stop.set()
+            pump.join(timeout=10)
         delete_app("obs-serve", dash)
         proc.terminate()
         proc.wait(timeout=20)
@@ -213,10 +230,15 @@ def metric_names(expr: str) -> list[str]:
 LABEL_VALUES_RE = re.compile(r"^label_values\((.+),\s*(\w+)\)$")
 
 
-def substitute(expr: str) -> str:
-    """Grafana's variables as a dashboard with 'All' selected would send them."""
+# What a user picks in each dashboard variable for the jobs this test runs.
+PICKED = {"job_name": "obs-prom", "run": "obs-prom", "application": "obs-serve", "sweep": "obs-sweep",
+          "priority": "5"}
+
+
+def substitute(expr: str, picked: dict[str, str] | None = None) -> str:
+    """Grafana's variables as a dashboard sends them: 'All' (.*), or one picked value each."""
     expr = expr.replace("$__rate_interval", "30s")
-    return DASH_VAR_RE.sub(".*", expr)
+    return DASH_VAR_RE.sub(lambda m: (picked or {}).get(m.group(1), ".*"), expr)
 
 
 def dashboard_queries() -> list[tuple[str, str, str]]:
@@ -256,6 +278,11 @@ def test_every_dashboard_expression_parses_and_returns_data(world):
             checked += 1
             if not res["data"]["result"]:
                 empty.append(f"{fname} / {title}: {expr}")
+            elif "$" in expr and not title.startswith("var "):
+                # with one value picked per variable too: proves the variable's label is on the series
+                one = query_range(world["prom"], substitute(expr, PICKED), world["start"], end)
+                if not one["data"]["result"]:
+                    empty.append(f"{fname} / {title} (picked {PICKED}): {expr}")
     assert not bad, "PromQL that Prometheus refuses:\n" + "\n".join(bad)
     assert not empty, "expressions with no data while training and serving ran:\n" + "\n".join(empty)
     assert checked >= 30
