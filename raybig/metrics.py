@@ -19,6 +19,9 @@ Tags (bounded cardinality; never a step, a request id or a prompt):
   priority  the scheduler's queue priority; reason: why a job was retried/preempted.
 Serve replicas get `deployment`, `replica`, `application` and `route` added by `ray.serve.metrics`.
 
+Ray stops exporting a gauge roughly 20-30 s after its last `set` (counters and histograms stay), so
+emitters re-set gauges on every report/tick; a finished run's gauges end with it in Prometheus.
+
 All helpers are best-effort: metrics must never break training or serving, so every emit swallows
 errors (and is a no-op outside a Ray worker/driver).
 
