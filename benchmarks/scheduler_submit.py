@@ -54,7 +54,7 @@ def decide_rate(n_jobs: int = 500, n_nodes: int = 16, seconds: float = 3.0) -> d
             "ms_per_pass": 1000 * dt / calls}
 
 
-def _first(pred, timeout: float = 300, every: float = 0.1) -> float:
+def _first(pred, timeout: float = 150, every: float = 0.1) -> float:
     deadline = time.time() + timeout
     while time.time() < deadline:
         if pred():
@@ -83,7 +83,7 @@ def one_run(c, spec, spec_path: str, overrides: list[str], plain: bool) -> tuple
                              "RAYBIG_SCHEDULER": "off"}}
         subprocess.run([str(pathlib.Path(sys.executable).parent / "ray"), "job", "submit", "--no-wait",
                         "--submission-id", job_id, "--runtime-env-json", json.dumps(renv),
-                        "--address", c.address, "--", entrypoint(None)],
+                        "--address", c.address, "--", "sh", "-c", entrypoint(None)],
                        check=True, capture_output=True, env=env)
         running = _first(lambda: str(client.get_job_status(job_id).value) == "RUNNING")
     else:
