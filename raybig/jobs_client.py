@@ -94,10 +94,15 @@ def connect(address: str | None = None) -> tuple[Any, str]:
     from ray.job_submission import JobSubmissionClient
 
     url = resolve_address(address)
+    # Ray's client lets RAY_API_SERVER_ADDRESS / RAY_ADDRESS override the address it is given;
+    # --address must win, so hide them while the client resolves its URL.
+    hidden = {k: os.environ.pop(k) for k in ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS") if k in os.environ}
     try:
         return JobSubmissionClient(url, headers=auth_headers()), url
     except Exception as e:  # noqa: BLE001 - any failure to attach is one line for the user
         raise translate(e, url) from None
+    finally:
+        os.environ.update(hidden)
 
 
 def call(url: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
