@@ -169,6 +169,6 @@ def spec_hash(spec: BaseModel) -> str:
 from raybig.scheduler.probe import ProbeSpec  # noqa: E402
 
 KINDS.setdefault("probe", ProbeSpec)
+from raybig.spec import pipeline as _pipeline_kind  # noqa: E402,F401  (registers kind: pipeline)
 from raybig.spec import serve as _serve_kind  # noqa: E402,F401  (registers kind: serve)
 from raybig.spec import sweep as _sweep_kind  # noqa: E402,F401  (registers kind: sweep)
-from raybig.spec import pipeline as _pipeline_kind  # noqa: E402,F401  (registers kind: pipeline)
