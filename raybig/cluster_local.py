@@ -18,7 +18,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from raybig.ray_env import free_port
+from raybig.ray_env import dashboard_host, free_port
 
 
 def default_dir() -> pathlib.Path:
@@ -67,10 +67,12 @@ class LocalCluster:
     dashboard_port: int = 0
     token_path: str = ""
     temp_dir: str = ""  # Ray's --temp-dir (session logs live here)
+    dashboard_host: str = field(default_factory=dashboard_host)  # 127.0.0.1 unless RAYBIG_DASHBOARD_HOST
 
     @property
     def address(self) -> str:
-        return f"http://127.0.0.1:{self.dashboard_port}"
+        host = self.dashboard_host if self.dashboard_host not in ("0.0.0.0", "::", "") else "127.0.0.1"
+        return f"http://{host}:{self.dashboard_port}"
 
     @property
     def gcs_address(self) -> str:
@@ -80,6 +82,8 @@ class LocalCluster:
         env = {**os.environ, **self.env, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": self.token_path}
         env.pop("RAY_AUTH_TOKEN", None)
         env.pop("RAY_ADDRESS", None)
+        # OpenAI-shaped 503s from Serve's proxy on overload / a dead replica (raybig.serve.proxy_errors).
+        env.setdefault("RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH", "raybig.serve.proxy_errors:middlewares")
         # The job supervisor inherits this PATH: put this interpreter first, like an activated venv.
         env["PATH"] = f"{pathlib.Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
         return env
@@ -120,7 +124,7 @@ class LocalCluster:
         for attempt in range(2):
             self.gcs_port, self.dashboard_port = free_port(), free_port()
             self._spawn(["--head", f"--port={self.gcs_port}", "--node-ip-address=127.0.0.1",
-                         "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}",
+                         f"--dashboard-host={self.dashboard_host}", f"--dashboard-port={self.dashboard_port}",
                          f"--ray-client-server-port={free_port()}", f"--temp-dir={self.temp_dir}",
                          *self._common(self.head_cpus, self.head_resources)], "head.log")
             try:

@@ -219,21 +219,46 @@ def test_stop_queued_and_running_jobs_frees_resources(cl):
 
 
 def test_scheduler_restart_loses_nothing_and_runs_each_once(cl):
-    blocker = submit(cl, probe(cl, "before-crash", seconds=5))
-    wait_for(lambda: started_at(cl, blocker), 60, what="blocker RUNNING")
+    """SIGKILL the scheduler actor while one job RUNS and two are QUEUED, and submit a fourth while
+    it is down. Every job must still succeed, run exactly once (one RUNNING line, one probe side
+    effect, one SUCCEEDED line), in priority order, and no queued job may start while the running
+    one still holds its gang (a restarted scheduler that forgot it would double-book the CPUs)."""
+    hold = 12  # long enough that the blocker is surely still running at the kill
+    blocker = submit(cl, probe(cl, "before-crash", seconds=hold), "--priority", "100")
+    # Queued right away (not after the blocker starts): their holders start while it runs, so the
+    # kill lands early in its hold. Priority 100 makes it the head; 2.5 + 2.5 CPU > 3: no backfill.
     low = fast_submit(cl, probe(cl, "low", seconds=0.5), "priority=1")
     high = fast_submit(cl, probe(cl, "high", seconds=0.5), "priority=2")
+    wait_for(lambda: started_at(cl, blocker), 60, what="blocker RUNNING")
     wait_for(lambda: all(any(s["state"] == "QUEUED" for s in states(cl, j)) for j in (low, high)), 60,
              what="both queued")
     before = json.loads(on_cluster(cl, SNAPSHOT))
+    assert before["regs"][blocker] == {"phase": "running", "admitted": True}, before["regs"]
+    assert all(before["regs"][j] == {"phase": "waiting", "admitted": False} for j in (low, high)), before
+    t_kill = time.time()
     os.kill(before["pid"], signal.SIGKILL)  # the actor process is on this machine: a hard crash
-    for j in (blocker, high, low):
+    late = fast_submit(cl, probe(cl, "during-crash", seconds=0.5))  # submitted as the scheduler restarts
+    jobs = (blocker, high, low, late)
+    for j in jobs:
         assert wait_done(cl, j, 120) == "SUCCEEDED"
     after = json.loads(on_cluster(cl, SNAPSHOT))
     assert after["pid"] != before["pid"] and after["started"] > before["started"]
-    t = {j: started_at(cl, j) for j in (blocker, high, low)}
+    logs = {j: states(cl, j) for j in jobs}
+    t = {j: [s["t"] for s in v if s["state"] == "RUNNING"] for j, v in logs.items()}
     assert all(len(v) == 1 for v in t.values()), t
-    assert t[blocker][0] < t[high][0] < t[low][0], t
+    assert all([s["state"] for s in v].count("SUCCEEDED") == 1 for v in logs.values()), logs
+    from raybig.scheduler import client
+
+    holds = {j: client.logs(j, cl.address).count("probe holds") for j in jobs}  # the run's side effect
+    assert all(n == 1 for n in holds.values()), holds
+    done = next(s["t"] for s in logs[blocker] if s["state"] == "SUCCEEDED")
+    assert t[blocker][0] < t_kill < done, (t[blocker], t_kill, done)  # it was running at the kill
+    assert t[high][0] >= t[blocker][0] + hold, (t[blocker], t[high])  # nobody jumped into its gang
+    assert t[blocker][0] < t[high][0] < t[low][0] < t[late][0], t
+    last = max(next(s["t"] for s in v if s["state"] == "SUCCEEDED") for v in logs.values())
+    print(f"\n[fault-scheduler] kill {t_kill - t[blocker][0]:.1f}s into the blocker's run; it ended "
+          f"{done - t_kill:.1f}s later; next admission {t[high][0] - done:.2f}s after that; "
+          f"all 4 done {last - t_kill:.1f}s after the kill")
 
 
 def test_clear_one_line_errors(cl, tmp_path):

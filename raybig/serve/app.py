@@ -23,7 +23,7 @@ from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from raybig.metrics import RequestTimer, serve_batch
-from raybig.serve.schema import ApiError, Job, build_job, parse_request
+from raybig.serve.schema import ApiError, Job, body_limit, build_job, check_content_type, parse_request
 from raybig.spec.serve import GenerationSpec
 
 DEPLOYMENT = "Completions"
@@ -49,9 +49,33 @@ class AppArgs(BaseModel):
 api = FastAPI(title="raybig completions")
 
 
+class AsciiJSONResponse(JSONResponse):
+    """JSON with non-ASCII escaped: an error message may quote client text holding lone surrogates
+    ("\\ud800" is valid JSON), which Starlette's UTF-8 encode would turn into a 500."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode()
+
+
 def _err(e: ApiError) -> JSONResponse:
     headers = {"WWW-Authenticate": "Bearer"} if e.status == 401 else None
-    return JSONResponse(e.body(), status_code=e.status, headers=headers)
+    return AsciiJSONResponse(e.body(), status_code=e.status, headers=headers)
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refusing (413) more than `limit` bytes without reading them all."""
+    declared = request.headers.get("content-length", "")
+    if declared.isascii() and declared.isdigit() and len(declared) < 20 and int(declared) > limit:
+        raise ApiError(413, f"Request body of {declared} bytes exceeds this server's limit of {limit}.",
+                       code="request_too_large")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise ApiError(413, f"Request body exceeds this server's limit of {limit} bytes.",
+                           code="request_too_large")
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 @api.exception_handler(StarletteHTTPException)
@@ -122,7 +146,8 @@ class Completions:
         timer = RequestTimer(self.args.model_name)  # Prometheus: requests, latency, TTFT, tokens
         try:
             self._check_key(request)
-            req = parse_request(await request.body())
+            check_content_type(request.headers.get("content-type"))
+            req = parse_request(await read_body(request, body_limit(self.gen)))
             job = build_job(req, self.args.model_name, self.gen, self.context)
         except ApiError as e:
             timer.done(e.status)

@@ -52,11 +52,30 @@ class CompletionRequest(BaseModel):
     user: str | None = None
 
 
+def check_content_type(content_type: str | None) -> None:
+    """JSON or nothing. Refusing text/plain and form types also keeps a browser page from posting
+    here cross-site without a CORS preflight."""
+    if not content_type:
+        return
+    media = content_type.split(";", 1)[0].strip().lower()
+    if media != "application/json" and not media.endswith("+json"):
+        raise ApiError(415, f"Unsupported Content-Type {content_type[:80]!r}; send 'application/json'.",
+                       code="unsupported_media_type")
+
+
+def body_limit(gen: Any) -> int:
+    """Most request bytes worth reading: every prompt at its token limit, JSON-escaped (up to 6 bytes
+    per byte-token, as \\u00XX), plus 1 MiB for everything else."""
+    return 6 * gen.max_prompt_tokens * gen.max_prompts + 2**20
+
+
 def parse_request(raw: bytes) -> CompletionRequest:
     try:
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as e:
-        raise ApiError(400, f"We could not parse the JSON body of your request: {e}") from None
+        raise ApiError(400, f"We could not parse the JSON body of your request: {str(e)[:200]}") from None
+    except RecursionError:  # json.loads recurses once per nesting level
+        raise ApiError(400, "We could not parse the JSON body of your request: nested too deeply") from None
     if not isinstance(body, dict):
         raise ApiError(400, "The request body must be a JSON object.")
     try:

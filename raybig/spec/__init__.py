@@ -26,6 +26,7 @@ from raybig.spec.yaml_io import (
     dotted_path,
     load_yaml_file,
     load_yaml_text,
+    redact,
 )
 
 __all__ = [
@@ -75,7 +76,13 @@ def validate_data(loaded: Loaded) -> Any:
         # context: kinds that reference other files (a sweep's base) resolve them beside this one.
         return model.model_validate(data, context={"source": loaded.source, "loaded": loaded})
     except ValidationError as e:
-        raise SpecError(_issues_from(e, model, loaded)) from None
+        issues = _issues_from(e, model, loaded)
+    except SpecError as e:  # raised by validators that report several issues at once (sweep)
+        issues = e.issues
+    # A value from a secret env var that fails validation must not be echoed to the terminal or a log.
+    for issue in issues:
+        issue.message = redact(issue.message, loaded.secret_values)
+    raise SpecError(issues)
 
 
 def _issues_from(err: ValidationError, model: type[BaseModel], loaded: Loaded) -> list[Issue]:

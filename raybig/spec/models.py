@@ -25,25 +25,29 @@ _UNITS = {"": 1, "B": 1, "K": 1e3, "KB": 1e3, "KI": 1024, "KIB": 1024, "M": 1e6,
           "T": 1e12, "TB": 1e12, "TI": 1024**4, "TIB": 1024**4}
 
 
+MAX_BYTES = 2**60  # 1 EiB: anything larger is a typo, and Ray would wait forever to reserve it
+
+
 def parse_bytes(value: Any) -> int:
     """'8GiB' / '512MB' / 1024 -> bytes."""
-    if isinstance(value, bool):
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
         raise ValueError("expected a size such as '8GiB' or a number of bytes")
     if isinstance(value, int | float):
-        if value <= 0:
-            raise ValueError("must be positive")
-        return int(value)
-    m = _SIZE_RE.match(str(value))
-    if not m:
-        raise ValueError(f"{value!r} is not a size; use e.g. '8GiB', '512MB' or bytes")
-    n = float(m.group(1)) * _UNITS[(m.group(2) or "").upper()]
-    if n <= 0:
-        raise ValueError("must be positive")
+        n = float(value) if isinstance(value, float) else value
+    else:
+        m = _SIZE_RE.match(value) if len(value) <= 64 else None
+        if not m:
+            raise ValueError(f"{value[:40]!r} is not a size; use e.g. '8GiB', '512MB' or bytes")
+        n = float(m.group(1)) * _UNITS[(m.group(2) or "").upper()]
+    # NaN fails every comparison, so test for the good range rather than the bad one.
+    if not 0 < n <= MAX_BYTES:
+        raise ValueError("must be positive" if not n > 0 else f"larger than {MAX_BYTES} bytes (1 EiB)")
     return int(n)
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+    # allow_inf_nan=False: YAML's .nan/.inf pass every ge/le bound check, so refuse them outright.
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True, allow_inf_nan=False)
     # Paths whose values came from secret-looking env vars; freeze() writes them back as ${VAR}.
     _secret_paths: dict = PrivateAttr(default_factory=dict)
 
@@ -194,6 +198,19 @@ class ResourcesSpec(Strict):
     memory_per_worker: int | None = Field(None, description="RAM per worker, e.g. '8GiB'; checked against "
                                           "the ZeRO memory estimate and reserved in Ray.")
     custom: dict[str, float] = Field(default_factory=dict, description="Custom Ray resources per worker.")
+
+    @field_validator("custom")
+    @classmethod
+    def _custom(cls, v: dict[str, float]) -> dict[str, float]:
+        for name, amount in v.items():
+            # Built-in names would silently override cpus_per_worker etc. in the resource request.
+            if name in ("CPU", "GPU", "memory", "object_store_memory") or not re.fullmatch(r"[\w.:/-]{1,128}", name):
+                raise ValueError(f"{name[:40]!r} is not a custom resource name "
+                                 "(CPU, GPU and memory have their own keys)")
+            if not 0 <= amount <= 1e6:
+                raise at(name, f"must be between 0 and 1e6 (got {amount})") if name.isidentifier() else \
+                    ValueError(f"{name[:40]!r}: must be between 0 and 1e6 (got {amount})")
+        return v
 
     @field_validator("memory_per_worker", mode="before")
     @classmethod

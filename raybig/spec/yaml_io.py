@@ -18,6 +18,7 @@ Path = tuple[str | int, ...]
 
 MAX_NODES = 100_000
 MAX_DEPTH = 64
+MAX_SPEC_CHARS = 1_000_000  # specs are a few KB; this bounds a /dev/zero or /proc "spec" (and a sweep's base)
 _ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 # Env vars whose values must never be written back into a frozen spec.
 SECRET_NAME_RE = re.compile(r"(TOKEN|SECRET|PASSWORD|PASSWD|API_KEY|ACCESS_KEY|PRIVATE)", re.IGNORECASE)
@@ -59,6 +60,8 @@ class Loaded:
     source: str = "<spec>"
     # path -> "${NAME}" for values interpolated from secret-looking env vars
     secret_paths: dict[Path, str] = field(default_factory=dict)
+    # The values of those env vars, so error messages can be scrubbed of them (see redact()).
+    secret_values: set[str] = field(default_factory=set)
 
     def line_of(self, path: Path) -> int | None:
         """Line of `path`, or of its nearest ancestor that has one."""
@@ -81,11 +84,13 @@ def dotted_path(path: Path) -> str:
 
 
 class _Walker:
-    def __init__(self, source: str, env: dict[str, str]):
+    def __init__(self, source: str, env: dict[str, str], interpolate: bool = True):
         self.source = source
         self.env = env
+        self.interpolate = interpolate
         self.lines: dict[Path, int] = {}
         self.secret_paths: dict[Path, str] = {}
+        self.secret_values: set[str] = set()
         self.issues: list[Issue] = []
         self.count = 0
         self.ctor = yaml.SafeLoader.__new__(yaml.SafeLoader)
@@ -104,7 +109,7 @@ class _Walker:
             self.ctor.flatten_mapping(node)
             out: dict[str, Any] = {}
             for knode, vnode in node.value:
-                key = self.ctor.construct_object(knode, deep=True)
+                key = self._construct(knode, path)
                 if not isinstance(key, str):
                     self.issues.append(Issue(path, f"keys must be strings, got {key!r}",
                                              knode.start_mark.line + 1, self.source))
@@ -118,10 +123,22 @@ class _Walker:
             return out
         if isinstance(node, yaml.SequenceNode):
             return [self.walk(v, path + (i,), depth + 1) for i, v in enumerate(node.value)]
-        value = self.ctor.construct_object(node, deep=True)
-        if isinstance(value, str) and "${" in value:
+        value = self._construct(node, path)
+        if self.interpolate and isinstance(value, str) and "${" in value:
             value = self._interpolate(value, path, node.start_mark.line + 1)
         return value
+
+    def _construct(self, node: yaml.Node, path: Path) -> Any:
+        try:
+            return self.ctor.construct_object(node, deep=True)
+        except yaml.YAMLError:
+            raise
+        except Exception as e:  # noqa: BLE001
+            # PyYAML lets its constructors' own errors through: int() on an integer of more than
+            # 4300 digits (Python's int-string limit), AttributeError on `!!timestamp 99`, ...
+            # A hostile spec must get a SpecError, not a traceback.
+            raise SpecError([Issue(path, f"cannot read this value: {_first_line(e)}",
+                                   node.start_mark.line + 1, self.source)]) from None
 
     def _interpolate(self, value: str, path: Path, line: int) -> Any:
         secret_names = []
@@ -131,6 +148,7 @@ class _Walker:
             if name in self.env:
                 if SECRET_NAME_RE.search(name):
                     secret_names.append(name)
+                    self.secret_values.add(self.env[name])
                 return self.env[name]
             if default is not None:
                 return default
@@ -144,17 +162,29 @@ class _Walker:
         # A whole-value substitution is re-read as YAML so "${STEPS}" can be an int.
         if _ENV_RE.fullmatch(value) and not secret_names:
             try:
-                return yaml.safe_load(out) if out.strip() else out
-            except yaml.YAMLError:
+                parsed = yaml.safe_load(out) if out.strip() else out
+            except Exception:  # noqa: BLE001 - PyYAML's constructors raise more than YAMLError
                 return out
+            # Scalars only: a list or mapping from the environment would bypass the depth and
+            # alias budgets the spec text itself goes through.
+            return parsed if parsed is None or isinstance(parsed, str | int | float | bool) else out
         return out
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).splitlines() or [type(e).__name__])[0][:200]
 
 
 def load_yaml_text(text: str, source: str = "<spec>", env: dict[str, str] | None = None) -> Loaded:
     """Parse YAML text into plain data with a line map. Raises SpecError."""
     env = dict(os.environ) if env is None else env
+    if len(text) > MAX_SPEC_CHARS:
+        raise SpecError([Issue((), f"larger than {MAX_SPEC_CHARS} characters; is this a spec file?", None,
+                               source)])
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
+    except RecursionError:  # PyYAML's composer recurses once per nesting level
+        raise SpecError([Issue((), f"nested deeper than {MAX_DEPTH} levels", None, source)]) from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
         line = mark.line + 1 if mark is not None else None
@@ -174,7 +204,19 @@ def load_yaml_text(text: str, source: str = "<spec>", env: dict[str, str] | None
     if not isinstance(data, dict):
         raise SpecError([Issue((), f"the spec must be a mapping of keys, got {type(data).__name__}",
                                1, source)])
-    return Loaded(data, walker.lines, source, walker.secret_paths)
+    return Loaded(data, walker.lines, source, walker.secret_paths, walker.secret_values)
+
+
+def redact(message: str, secrets: set[str]) -> str:
+    """`message` with every secret value, and every prefix of one that an error message could have
+    cut it to (8 characters or more), replaced by '***'."""
+    for secret in sorted(secrets, key=len, reverse=True):
+        if len(secret) < 4:
+            continue  # too short to find without mangling ordinary words
+        for k in range(len(secret), min(8, len(secret)) - 1, -1):
+            if secret[:k] in message:  # longest first; a message may hold it cut to several lengths
+                message = message.replace(secret[:k], "***")
+    return message
 
 
 def load_yaml_file(path: str, env: dict[str, str] | None = None) -> Loaded:
@@ -183,7 +225,7 @@ def load_yaml_file(path: str, env: dict[str, str] | None = None) -> Loaded:
 
     try:
         with fsspec.open(path, "r", encoding="utf-8") as f:
-            text = f.read()
+            text = f.read(MAX_SPEC_CHARS + 1)
     except FileNotFoundError:
         raise SpecError([Issue((), "no such file", None, path)]) from None
     except IsADirectoryError:
@@ -201,14 +243,28 @@ def parse_override(item: str) -> tuple[Path, Any]:
         raise SpecError([Issue((), f"--set {item!r}: expected path.to.key=value", None, "--set")])
     key, _, raw = item.partition("=")
     parts: list[str | int] = []
+    if key.count(".") >= MAX_DEPTH:
+        raise SpecError([Issue((), f"--set {item[:80]!r}: nested deeper than {MAX_DEPTH} levels", None,
+                               "--set")])
     for p in key.strip().split("."):
         if not p:
             raise SpecError([Issue((), f"--set {item!r}: empty key segment", None, "--set")])
-        parts.append(int(p) if p.isdigit() else p)
+        # ASCII digits only: str.isdigit() is also true for '²', which int() refuses.
+        parts.append(int(p) if p.isascii() and p.isdigit() and len(p) < 10 else p)
+    if not raw.strip():
+        return tuple(parts), ""
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
-        value = raw
+        node = yaml.compose(raw, Loader=yaml.SafeLoader)
+    except (yaml.YAMLError, RecursionError):
+        return tuple(parts), raw  # not YAML: keep it as a string
+    # The same depth and alias budgets as the spec text, and no ${VAR} expansion.
+    walker = _Walker("--set", {}, interpolate=False)
+    try:
+        value = None if node is None else walker.walk(node, tuple(parts))
+    except yaml.YAMLError:  # e.g. an unknown tag such as !!python/name:...: keep it as a string
+        return tuple(parts), raw
+    if walker.issues:
+        raise SpecError(walker.issues)
     return tuple(parts), value
 
 

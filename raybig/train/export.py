@@ -1,14 +1,17 @@
 """Consolidated exports: `<run>/export/{model.safetensors,config.json}`.
 
-Loading never unpickles: weights come from safetensors; DeepSpeed checkpoints
-are read with `torch.load(weights_only=True)` through DeepSpeed's zero_to_fp32.
+Loading never runs pickled code: weights come from safetensors; DeepSpeed checkpoints
+(`init_from`, resume) are read inside `weights_only_loads()`, which forces
+`torch.load(weights_only=True)` on DeepSpeed (it passes `weights_only=False` itself).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -59,6 +62,38 @@ def read_export(uri: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         return load(f.read()), meta
 
 
+def deepspeed_safe_globals() -> list[Any]:
+    """The plain-data classes DeepSpeed pickles into its checkpoints (found by scanning ZeRO 0-3,
+    offload and resumed checkpoints with torch.serialization.get_unsafe_globals_in_checkpoint).
+    Unpickling them only sets attributes; no code of the checkpoint's choosing runs."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+@contextlib.contextmanager
+def weights_only_loads() -> Iterator[None]:
+    """Within: every `torch.load` runs with weights_only=True, whatever its caller asked for.
+
+    DeepSpeed's checkpoint readers pass weights_only=False, which would execute any pickled code in a
+    checkpoint file; raybig loads checkpoints it did not write (init_from, --resume-from), so it
+    overrides them. A file that needs another global fails with torch's UnpicklingError."""
+    original = torch.load
+
+    def load(*args: Any, **kwargs: Any) -> Any:
+        kwargs["weights_only"] = True
+        return original(*args, **kwargs)
+
+    with torch.serialization.safe_globals(deepspeed_safe_globals()):
+        torch.load = load
+        try:
+            yield
+        finally:
+            torch.load = original
+
+
 def load_state_dict(uri: str) -> dict[str, torch.Tensor]:
     """Weights from an export/run dir, or from a DeepSpeed ZeRO checkpoint dir."""
     try:
@@ -71,7 +106,8 @@ def load_state_dict(uri: str) -> dict[str, torch.Tensor]:
         local = storage.download_dir(uri, tmp)
         if not os.path.exists(os.path.join(local, "latest")):
             raise FileNotFoundError(f"{uri!r} is neither a raybig export nor a DeepSpeed checkpoint")
-        return get_fp32_state_dict_from_zero_checkpoint(local)
+        with weights_only_loads():
+            return get_fp32_state_dict_from_zero_checkpoint(local)
 
 
 def load_model(uri: str, dtype: torch.dtype = torch.float32) -> tuple[torch.nn.Module, dict[str, Any]]:

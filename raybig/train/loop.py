@@ -20,6 +20,7 @@ import torch.distributed as dist
 
 from raybig.spec.models import TrainSpec
 from raybig.train.build import build_model, gpt_config
+from raybig.train.checkpoints import write_manifest
 from raybig.train.data import VOCAB_SIZE, Batches
 from raybig.train.ds_config import build_ds_config, resolve_precision
 
@@ -104,8 +105,14 @@ def train_worker(spec: TrainSpec, rep: Reporter, run_dir: str | None,
             model=model, model_parameters=param_groups(model, t.weight_decay), config=ds_cfg)
         step = 0
         if resume is not None:
-            _, client = engine.load_checkpoint(resume, load_optimizer_states=True,
-                                               load_lr_scheduler_states=True)
+            from raybig.train.checkpoints import require_complete
+            from raybig.train.export import weights_only_loads
+
+            require_complete(resume)  # never resume from a folder a crash left half-written
+
+            with weights_only_loads():  # --resume-from may name anyone's checkpoint: no pickled code
+                _, client = engine.load_checkpoint(resume, load_optimizer_states=True,
+                                                   load_lr_scheduler_states=True)
             if client is None:
                 raise RuntimeError(f"no DeepSpeed checkpoint found in {resume}")
             step = int(client["step"])
@@ -162,6 +169,8 @@ def train_worker(spec: TrainSpec, rep: Reporter, run_dir: str | None,
             t_ck = time.perf_counter()
             with tempfile.TemporaryDirectory(prefix="raybig-ckpt-") as tmp:
                 engine.save_checkpoint(tmp, tag=f"step_{step:08d}", client_state={"step": step})
+                # This rank's file list, so a reader can tell a complete upload from a cut-short one.
+                write_manifest(tmp, rep.rank, rep.world_size, step)
                 metrics["checkpoint_save_s"] = time.perf_counter() - t_ck
                 rep.report(metrics, checkpoint_dir=tmp)
         elif metrics:

@@ -137,6 +137,7 @@ def run_train(spec: TrainSpec, address: str | None = None, resume_from: str | No
               python_path: list[str] | None = None, verbose: bool = False) -> TrainResult:
     """Train `spec` on Ray; blocks until done. Raises on failure."""
     import ray
+    from ray.train import TrainingFailedError
     from ray.util.queue import Queue
 
     from raybig.ray_env import ensure_ray
@@ -146,7 +147,16 @@ def run_train(spec: TrainSpec, address: str | None = None, resume_from: str | No
                use_gpu=r.gpus_per_worker > 0, verbose=verbose)
     run_dir = run_dir_of(spec)
     write_run_record(spec, run_dir)
-    queue = Queue(maxsize=10_000, actor_options={"num_cpus": 0})
+    from raybig.train.checkpoints import recover_snapshot
+
+    # A crash while Ray rewrote its checkpoint registry: resume from the newest complete folder.
+    resume_from = recover_snapshot(run_dir) or resume_from
+    # Pinned to this (the driver's) node: with num_cpus=0 Ray may place it on a worker host, and
+    # losing that host would silently cut off all later progress (history, metrics.jsonl, status).
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    queue = Queue(maxsize=10_000, actor_options={"num_cpus": 0, "scheduling_strategy": here})
     history: list[dict[str, Any]] = []
     stop = threading.Event()
     metrics_uri = f"{run_dir}/{METRICS_FILE}"
@@ -175,6 +185,8 @@ def run_train(spec: TrainSpec, address: str | None = None, resume_from: str | No
             # Train v2's own SIGINT handler aborts the controller (stopping every worker), after
             # which its pending ray.get exits the process with SystemExit; surface it as Ctrl-C.
             raise KeyboardInterrupt from e
+        except TrainingFailedError as e:  # Train v2's fit() raises once max_failures is spent
+            raise TrainingFailed(_explain_failure(spec, e)) from e
     finally:
         stop.set()
         pumper.join(timeout=5)
@@ -183,7 +195,7 @@ def run_train(spec: TrainSpec, address: str | None = None, resume_from: str | No
         # Keep the history; a resumed run appends to it.
         storage.write_text(metrics_uri, "".join(json.dumps(h) + "\n" for h in _dedupe(history)))
     if result.error is not None:
-        raise result.error
+        raise TrainingFailed(_explain_failure(spec, result.error)) from result.error
     ckpt = result.checkpoint.path if result.checkpoint else None
     merged: dict[str, Any] = {}
     for h in _dedupe(history):
@@ -191,6 +203,29 @@ def run_train(spec: TrainSpec, address: str | None = None, resume_from: str | No
     export = f"{run_dir}/export" if storage.exists(f"{run_dir}/export/config.json") else None
     _ = ray
     return TrainResult(run_dir, merged, _dedupe(history), ckpt, first_step, export)
+
+
+class TrainingFailed(RuntimeError):
+    """A train run that failed for good: Ray Train's worker-group restarts are spent."""
+
+
+def _explain_failure(spec: TrainSpec, err: BaseException) -> str:
+    """One line a user can act on. Ray's own message starts with 'Training failed due to worker
+    errors:' and buries the cause (a dead node, a crashed rank) many lines further down."""
+    import re
+
+    text = str(err)
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    cause = (next((ln for ln in lines if "died because" in ln), None)
+             or next((ln for ln in lines if re.match(r"^\w*(Error|Exception)\b", ln)), None)
+             or (lines[0] if lines else ""))
+    # The dead worker's node: the last node_ip before the cause (other ranks' snippets name theirs).
+    upto = text.find(cause) if cause else -1
+    nodes = re.findall(r"node_ip='([^']+)'", text[:upto] if upto > 0 else text)
+    where = f" (a worker on {nodes[-1]})" if nodes else ""
+    mf = spec.checkpoint.max_failures
+    return (f"training failed and its worker-group restarts are spent (checkpoint.max_failures={mf}): "
+            f"{type(err).__name__}: {cause}{where}")[:1000]
 
 
 def _dedupe(history: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -1,0 +1,1 @@
+"""Test harnesses that ship with raybig (multi-host clusters on one machine)."""
