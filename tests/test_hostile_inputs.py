@@ -642,8 +642,9 @@ header_sets = st.one_of(
     st.sampled_from([{**AUTH, "Content-Type": "text/plain"}, {**AUTH, "Content-Type": "application/x-www-form-urlencoded"},
                      {"Authorization": "Bearer wrong"}, {"Authorization": "Basic Zm9vOmJhcg=="}, {},
                      {**AUTH, "Content-Type": "application/json; charset=latin-1"}]),
+    # Stripped: requests itself refuses a header value with leading whitespace, before sending it.
     st.text(alphabet=st.characters(min_codepoint=32, max_codepoint=126), max_size=40).map(
-        lambda v: {"Authorization": v, "Content-Type": "application/json"}),
+        lambda v: {"Authorization": v.strip(), "Content-Type": "application/json"}),
 )
 
 

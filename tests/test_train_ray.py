@@ -45,23 +45,27 @@ def checkpoints(run_dir: str) -> dict[int, str]:
     return out
 
 
-@pytest.mark.parametrize("stage", [0, 1, 2, 3])
-def test_zero_stage_trains_and_checkpoints(ray_local, storage_dir, stage):
-    spec = tiny(storage_dir, f"stage{stage}", **{"deepspeed.zero_stage": stage})
-    res = run_train(spec)
-    assert res.metrics["step"] == 6
+def check_trained(res, stage: int, steps: int, every: int) -> None:
+    assert res.metrics["step"] == steps
     vals = [h["val_loss"] for h in res.history if "val_loss" in h]
-    assert vals[-1] < vals[0] - 0.2, vals  # it learned something in 6 steps
+    assert vals[-1] < vals[0] - 0.2, vals  # it learned something
     ckpts = checkpoints(res.run_dir)
-    assert sorted(ckpts) == [3, 6]  # keep=2
-    files = os.listdir(f"{ckpts[6]}/step_00000006")
+    assert sorted(ckpts) == [steps - every, steps]  # keep=2
+    files = os.listdir(f"{ckpts[steps]}/step_{steps:08d}")
     if stage == 0:
         assert "mp_rank_00_model_states.pt" in files
     else:  # every rank's optimizer shard landed in the one merged checkpoint
         assert sum("optim_states" in f for f in files) == 2, files
     assert os.path.exists(f"{res.run_dir}/export/model.safetensors")
     assert os.path.exists(f"{res.run_dir}/spec.yaml")
-    assert len(open(f"{res.run_dir}/metrics.jsonl").read().splitlines()) >= 6
+    assert len(open(f"{res.run_dir}/metrics.jsonl").read().splitlines()) >= steps
+
+
+# Stage 2 is the `undisturbed` reference run below (test_zero2_trains_and_checkpoints).
+@pytest.mark.parametrize("stage", [0, 1, 3])
+def test_zero_stage_trains_and_checkpoints(ray_local, storage_dir, stage):
+    res = run_train(tiny(storage_dir, f"stage{stage}", **{"deepspeed.zero_stage": stage}))
+    check_trained(res, stage, steps=6, every=3)
 
 
 @pytest.mark.slow
@@ -74,13 +78,18 @@ def test_cpu_offload_trains(ray_local, storage_dir):
     assert res.metrics["step"] == 6 and vals[-1] < vals[0]
 
 
-# One undisturbed run serves as the reference for both resume tests (same spec, same seed).
+# One undisturbed ZeRO-2 run: the stage-2 check, the reference for both resume tests (same spec, same
+# seed) and the base that init_from fine-tunes.
 REF = {"train.steps": 30, "checkpoint.every": 10}
 
 
 @pytest.fixture(scope="module")
 def undisturbed(ray_local, tmp_path_factory):
     return run_train(tiny(str(tmp_path_factory.mktemp("ref") / "runs"), "full", **REF))
+
+
+def test_zero2_trains_and_checkpoints(undisturbed):
+    check_trained(undisturbed, 2, steps=30, every=10)
 
 
 def test_resume_matches_uninterrupted_run(undisturbed, storage_dir):
@@ -143,8 +152,8 @@ def test_plugin_model_trains(ray_local, storage_dir):
     assert os.path.exists(f"{res.run_dir}/export/model.safetensors")
 
 
-def test_init_from_finetunes_from_weights(ray_local, storage_dir):
-    base = run_train(tiny(storage_dir, "base", **{"train.steps": 12, "checkpoint.every": 12}))
+def test_init_from_finetunes_from_weights(undisturbed, storage_dir):
+    base = undisturbed
     ft = run_train(tiny(storage_dir, "ft", **{"init_from": base.run_dir, "train.steps": 3}))
     start = ft.history[0]["val_loss"]
     assert start == pytest.approx(base.metrics["val_loss"], rel=0.02)  # starts where base ended

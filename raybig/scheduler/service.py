@@ -181,5 +181,7 @@ def _nodes() -> list[Node]:
 
 def get_scheduler() -> Any:
     """The cluster's scheduler actor, created on first use (and re-created after it was removed)."""
+    # Pinned to the head node: with num_cpus=0 Ray may otherwise place it on a worker host, whose
+    # loss would then also take the queue's decisions down until the actor restarts elsewhere.
     return RaybigScheduler.options(name=ACTOR_NAME, namespace=NAMESPACE, lifetime="detached",
-                                   get_if_exists=True).remote()
+                                   get_if_exists=True, resources={"node:__internal_head__": 0.001}).remote()
