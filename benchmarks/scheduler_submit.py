@@ -1,6 +1,6 @@
 """Scheduler and submission benchmark; prints markdown tables.
 
-1. Latency on a real local head (`raybig.cluster_local`, token auth on): seconds from starting
+1. Latency on a real local head (`raybig.cluster.local`, token auth on): seconds from starting
    `raybig submit` to the job RUNNING and to its first training step, against Ray's own
    `ray job submit` of the same entrypoint (`python -m raybig.entrypoint` with the same frozen spec,
    but RAYBIG_SCHEDULER=off: no queue, no admission). Both clocks start when the CLI process starts,
@@ -68,7 +68,7 @@ def _has_step(logs: str) -> bool:
 
 
 def one_run(c, spec, spec_path: str, overrides: list[str], plain: bool) -> tuple[float, float]:
-    from raybig.jobs_client import connect
+    from raybig.cluster.jobs import connect
     from raybig.scheduler.client import entrypoint
     from raybig.scheduler.meta import STATE_PREFIX
     from raybig.spec import freeze, spec_hash
@@ -99,7 +99,7 @@ def one_run(c, spec, spec_path: str, overrides: list[str], plain: bool) -> tuple
 
 
 def latency(reps: int) -> list[dict[str, float]]:
-    from raybig.cluster_local import LocalCluster
+    from raybig.cluster.local import LocalCluster
     from raybig.spec import load_spec
 
     tmp = pathlib.Path(tempfile.mkdtemp(prefix="raybig-bench-"))

@@ -20,9 +20,9 @@ import torch
 
 from raybig.serve.engine import Batch, Row, quantize_int8
 from raybig.spec.models import PRESETS
-from raybig.train.data import encode
+from raybig.data.text import encode
 from raybig.train.export import load_model, write_export
-from raybig.train.model import GPT, GPTConfig
+from raybig.model import GPT, GPTConfig
 
 PROMPT = "def fibonacci(n):\n    "
 
@@ -74,7 +74,7 @@ def serve_section(ckpt: str, max_tokens: int, batch_wait: float) -> list[str]:
     import ray
     from ray import serve
 
-    from raybig.ray_env import ensure_ray, free_port
+    from raybig.cluster.ray_env import ensure_ray, free_port
     from raybig.serve.deploy import deploy, wait_running
     from raybig.spec import load_spec_text
 

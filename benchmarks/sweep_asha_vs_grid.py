@@ -71,7 +71,7 @@ def main() -> None:
     if not args.report_only:
         shutil.rmtree(args.storage, ignore_errors=True)
 
-        from raybig.ray_env import ensure_ray
+        from raybig.cluster.ray_env import ensure_ray
 
         ensure_ray(num_cpus=4, dashboard=True)  # the dashboard frees ASHA-stopped trials' workers
     grid = run("grid", "none", args)

@@ -65,7 +65,7 @@ def run_raybig(path: str) -> dict:
 
 
 def _free_port() -> int:
-    from raybig.ray_env import free_port
+    from raybig.cluster.ray_env import free_port
 
     return free_port()
 
@@ -73,7 +73,7 @@ def _free_port() -> int:
 def throughput(args: argparse.Namespace) -> None:
     import ray
 
-    from raybig.ray_env import ensure_ray
+    from raybig.cluster.ray_env import ensure_ray
 
     ensure_ray(None, num_cpus=3)
     tmp = tempfile.mkdtemp(prefix="raybig-bench-")

@@ -20,12 +20,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from raybig import storage
+from raybig.errors import ReportError
 
 METRICS_FILE = "metrics.jsonl"
-
-
-class ReportError(Exception):
-    """A user-facing problem with the run to report on (missing files, not a run)."""
 
 
 @dataclass

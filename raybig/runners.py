@@ -25,11 +25,11 @@ def run_spec(spec: Any, address: str | None = None, resume_from: str | None = No
 
         return run_sweep(spec, address=address, python_path=python_path, quiet=as_json, verbose=verbose)
     if spec.kind == "serve":
-        from raybig.serve.local import run_serve_cli
+        from raybig.serve.local import run_serve
 
-        return run_serve_cli(spec, address=address, as_json=as_json)
+        return run_serve(spec, address, as_json)
     if spec.kind == "pipeline":
-        from raybig.serve.pipeline import run_pipeline_cli
+        from raybig.pipeline import run_pipeline
 
-        return run_pipeline_cli(spec, address=address, python_path=python_path, as_json=as_json)
+        return run_pipeline(spec, address, python_path, quiet=as_json)
     raise NotImplementedError(f"kind {spec.kind!r} has no runner yet")

@@ -26,7 +26,7 @@ def ray_local():
     """A real local Ray (4 logical CPUs on the 2-core CI box: a Tune driver plus 2 workers fit)."""
     import ray
 
-    from raybig.ray_env import ensure_ray
+    from raybig.cluster.ray_env import ensure_ray
 
     info = ensure_ray(num_cpus=4, dashboard=True)
     yield info

@@ -78,7 +78,7 @@ def _session_dir() -> str:
 
 
 def start_prometheus(tmp: pathlib.Path, sd_file: str) -> tuple[subprocess.Popen, str]:
-    from raybig.ray_env import free_port
+    from raybig.cluster.ray_env import free_port
 
     port = free_port()
     cfg = tmp / "prometheus.yml"
@@ -134,7 +134,7 @@ def keep_traffic(stop: threading.Event, serve_url: str) -> None:
     from types import SimpleNamespace as NS
 
     from raybig.metrics import TrainMetrics, scheduler_observe, scheduler_retry
-    from raybig.metrics_sweep import SweepMetricsCallback
+    from raybig.tune.metrics_callback import SweepMetricsCallback
 
     cb = SweepMetricsCallback("obs-sweep", "val_loss", "min")
     trials = [NS(status="RUNNING"), NS(status="TERMINATED"), NS(status="PENDING")]
@@ -162,7 +162,7 @@ def world(ray_local, tmp_path_factory):
     """Prometheus + a finished training run + a serve app that answered requests."""
     from ray import serve
 
-    from raybig.ray_env import free_port
+    from raybig.cluster.ray_env import free_port
     from raybig.serve.deploy import delete_app, deploy, wait_running
     from raybig.train.runner import run_train
 

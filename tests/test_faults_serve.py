@@ -116,7 +116,7 @@ def tiny_export(tmp_path_factory) -> str:
 
     from raybig.spec.models import PRESETS
     from raybig.train.export import write_export
-    from raybig.train.model import GPT, GPTConfig
+    from raybig.model import GPT, GPTConfig
 
     torch.manual_seed(0)
     gpt = GPT(GPTConfig(**{**PRESETS["gpt-debug"], "block_size": 256}))
@@ -130,7 +130,7 @@ def fault_app(ray_local, tiny_export):
     import ray
     from ray import serve
 
-    from raybig.ray_env import free_port
+    from raybig.cluster.ray_env import free_port
     from raybig.serve.deploy import delete_app, deploy, wait_running
     from raybig.spec import load_spec_text
 

@@ -55,7 +55,7 @@ def _event(name: str) -> None:
 def outcome(text: str, overrides: list[str] | None = None, env: dict[str, str] | None = None) -> Any:
     """Load `text`: a valid spec (which must also freeze, hash, re-load to the same hash and
     summarise like `raybig validate`), or the SpecError. Anything else fails the test."""
-    from raybig.report_text import validate_summary
+    from raybig.spec.summary import validate_summary
 
     try:
         spec = load_spec_text(text, overrides=overrides, env=env if env is not None else {})
@@ -526,8 +526,8 @@ def test_deepspeed_checkpoint_cannot_run_pickled_code(tmp_path):
 
 @pytest.mark.unit
 def test_embedded_ray_and_local_cluster_bind_loopback_unless_told(monkeypatch, tmp_path):
-    from raybig.cluster_local import LocalCluster
-    from raybig.ray_env import init_kwargs
+    from raybig.cluster.local import LocalCluster
+    from raybig.cluster.ray_env import init_kwargs
 
     monkeypatch.delenv("RAYBIG_DASHBOARD_HOST", raising=False)
     kw = init_kwargs(2, None, True, False)
@@ -541,7 +541,7 @@ def test_embedded_ray_and_local_cluster_bind_loopback_unless_told(monkeypatch, t
     for f in glob.glob(str(ROOT / "raybig" / "**" / "*.py"), recursive=True):
         src = pathlib.Path(f).read_text()
         assert not re.search(r"AUTH_MODE[\"']?\s*[:=,]\s*[\"']?(disabled|none|off)", src, re.I), f
-    assert '"RAY_AUTH_MODE": "token"' in (ROOT / "raybig" / "cluster_local.py").read_text()
+    assert '"RAY_AUTH_MODE": "token"' in (ROOT / "raybig" / "cluster" / "local.py").read_text()
 
 
 @pytest.mark.unit
@@ -616,7 +616,7 @@ def hostile_app(planted_run, ray_local) -> str:
     import ray
     from ray import serve
 
-    from raybig.ray_env import free_port
+    from raybig.cluster.ray_env import free_port
     from raybig.serve.deploy import delete_app, wait_running
     from raybig.serve.deploy import deploy as deploy_spec
 

@@ -8,7 +8,7 @@ import re
 import pytest
 
 from raybig import metrics as M
-from raybig.train.model import GPTConfig, flops_per_token
+from raybig.model import GPTConfig, flops_per_token
 
 pytestmark = pytest.mark.unit
 

@@ -53,7 +53,7 @@ def dash(ray_local) -> str:
     import ray
     from ray import serve
 
-    from raybig.ray_env import free_port
+    from raybig.cluster.ray_env import free_port
     from raybig.serve.deploy import delete_app, status
 
     serve.start(http_options={"host": "127.0.0.1", "port": free_port()})
@@ -85,7 +85,7 @@ def main_app(ckpt, dash) -> str:
 
 def in_process_greedy(ckpt: str, prompt: str, n: int, int8: bool = False) -> str:
     from raybig.serve.engine import quantize_int8
-    from raybig.train.data import decode, encode
+    from raybig.data.text import decode, encode
     from raybig.train.export import load_model
 
     model, _ = load_model(ckpt)
@@ -166,7 +166,7 @@ def test_overload_gets_503_never_500(ckpt, dash):
 
 def test_int8_serves_and_stays_close_to_fp32(ckpt, dash):
     from raybig.serve.engine import quantize_int8
-    from raybig.train.data import encode
+    from raybig.data.text import encode
     from raybig.train.export import load_model
 
     url = deploy("t-int8", ckpt, dash, "quantize: int8\n")

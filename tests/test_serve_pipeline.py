@@ -56,9 +56,9 @@ def test_pipeline_spec_checks_stages():
 def test_pipeline_sweeps_trains_serves_and_skips_finished_stages(ray_local, tmp_path):
     from ray import serve
 
-    from raybig.ray_env import free_port
+    from raybig.cluster.ray_env import free_port
     from raybig.serve.deploy import delete_app
-    from raybig.serve.pipeline import pipeline_dir, read_state, run_pipeline
+    from raybig.pipeline import pipeline_dir, read_state, run_pipeline
 
     serve.start(http_options={"host": "127.0.0.1", "port": free_port()})  # no-op if already up
     spec = load_spec_text(PIPE.format(storage=tmp_path))

@@ -1,6 +1,6 @@
 """Cluster submission and the scheduler, against a real `ray start --head` with token auth on.
 
-One head per module (`raybig.cluster_local.LocalCluster`: its own ports, temp dir and token file,
+One head per module (`raybig.cluster.local.LocalCluster`: its own ports, temp dir and token file,
 stopped by PID). It has 3 logical CPUs, so one 2-worker job (2 x 1 CPU + 0.5 CPU for the driver)
 runs at a time and the others queue. Jobs go through the real path: `raybig submit` -> Ray Jobs API
 -> holder entrypoint -> scheduler actor -> `run_spec`.
@@ -34,7 +34,7 @@ max_retries: {retries}
 
 @pytest.fixture(scope="module")
 def cl(tmp_path_factory):
-    from raybig.cluster_local import LocalCluster
+    from raybig.cluster.local import LocalCluster
 
     d = tmp_path_factory.mktemp("cluster")
     c = LocalCluster(dir=str(d / "c"), workers=0, head_cpus=3,
@@ -89,7 +89,7 @@ def states(c, job_id: str) -> list[dict]:
 
 
 def ray_status(c, job_id: str) -> str:
-    from raybig.jobs_client import call, connect
+    from raybig.cluster.jobs import call, connect
 
     client, url = connect(c.address)
     return str(call(url, client.get_job_status, job_id).value)
@@ -262,7 +262,7 @@ def test_scheduler_restart_loses_nothing_and_runs_each_once(cl):
 
 
 def test_clear_one_line_errors(cl, tmp_path):
-    from raybig.ray_env import free_port
+    from raybig.cluster.ray_env import free_port
 
     bad = tmp_path / "bad.yaml"
     bad.write_text("kind: probe\nname: bad\nsecnds: 3\n")

@@ -21,7 +21,7 @@ pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
 
 def test_zero3_job_spans_two_worker_nodes(tmp_path):
-    from raybig.cluster_local import LocalCluster
+    from raybig.cluster.local import LocalCluster
     from raybig.testing.netns_cluster import unavailable_reason
 
     if not unavailable_reason():  # the stronger test can run here: don't pay ~70 s twice

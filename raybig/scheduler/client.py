@@ -12,7 +12,7 @@ import uuid
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from raybig.jobs_client import ClusterError, call, connect, translate
+from raybig.cluster.jobs import ClusterError, call, connect, translate
 from raybig.scheduler.meta import is_raybig, last_state, metadata_for
 from raybig.scheduler.policy import JobState
 

@@ -45,7 +45,7 @@ def run_probe(spec: ProbeSpec, address: str | None = None, **_: Any) -> dict[str
     from ray.util.placement_group import placement_group, remove_placement_group
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-    from raybig.ray_env import ensure_ray
+    from raybig.cluster.ray_env import ensure_ray
 
     ensure_ray(address, num_cpus=spec.resources.workers * spec.resources.cpus_per_worker)
     attempt = int(os.environ.get("RAYBIG_ATTEMPT", "1"))

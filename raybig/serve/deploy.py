@@ -11,16 +11,13 @@ import os
 import time
 from typing import Any
 
+from raybig.errors import ServeError
 from raybig.serve.app import DEPLOYMENT, api_key_digest
 from raybig.spec.serve import ServeSpec
 from raybig.train.export import resolve_export
 
 IMPORT_PATH = "raybig.serve.app:build_app"
 STATE_FILE = os.path.expanduser("~/.raybig/serve_local.json")
-
-
-class ServeError(Exception):
-    """A deploy/status problem the user can act on (one line)."""
 
 
 def deployment_options(spec: ServeSpec) -> dict[str, Any]:

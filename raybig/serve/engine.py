@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-from raybig.train.model import GPT, sample_next
+from raybig.model import GPT, sample_next
 
 
 @dataclass

@@ -30,7 +30,7 @@ def start_serve(spec: ServeSpec, address: str | None = None) -> dict[str, Any]:
     """Ray (embedded unless address/RAY_ADDRESS), Serve's proxy on spec.host:port, then the app."""
     from ray import serve
 
-    from raybig.ray_env import ensure_ray
+    from raybig.cluster.ray_env import ensure_ray
     from raybig.serve.deploy import app_args
 
     app_args(spec)  # a missing export or an unset key env var fails here, before Ray starts
@@ -81,13 +81,3 @@ def run_serve(spec: ServeSpec, address: str | None = None, as_json: bool = False
                 os.remove(STATE_FILE)
         return res
 
-
-def run_serve_cli(spec: ServeSpec, address: str | None = None, as_json: bool = False) -> dict[str, Any]:
-    """run_serve with deploy problems as one-line CLI errors."""
-    from raybig.cli import UserError
-    from raybig.serve.deploy import ServeError
-
-    try:
-        return run_serve(spec, address, as_json)
-    except ServeError as e:
-        raise UserError(str(e)) from None

@@ -12,7 +12,7 @@ shape them.
 
 Serve loads proxy middlewares from the import path in `RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH`,
 read by the proxy process; `PROXY_CALLBACK_ENV` is set for the clusters raybig starts itself
-(`raybig.ray_env.ensure_ray`, `raybig.cluster_local`). On other clusters put it in the
+(`raybig.cluster.ray_env.ensure_ray`, `raybig.cluster.local`). On other clusters put it in the
 environment of `ray start`. Health routes (`/-/...`) and every other response pass through as is.
 """
 

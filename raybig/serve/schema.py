@@ -17,7 +17,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from raybig.serve.engine import Row
-from raybig.train.data import encode
+from raybig.data.text import encode
 
 
 class ApiError(Exception):

@@ -287,7 +287,7 @@ KINDS["sweep"] = SweepSpec
 
 def summary_lines(spec: SweepSpec) -> list[str]:
     """What `raybig validate` prints for a sweep."""
-    from raybig.report_text import train_memory_summary
+    from raybig.spec.summary import train_memory_summary
 
     b = spec.base
     sched = (f"ASHA on {spec.time_attr} (grace {spec.grace_period}, rf {spec.reduction_factor:g}, "

@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-Path = tuple[str | int, ...]
+from raybig.errors import Issue, Path, SpecError, dotted_path  # noqa: F401  (re-exported)
 
 MAX_NODES = 100_000
 MAX_DEPTH = 64
@@ -22,33 +22,6 @@ MAX_SPEC_CHARS = 1_000_000  # specs are a few KB; this bounds a /dev/zero or /pr
 _ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 # Env vars whose values must never be written back into a frozen spec.
 SECRET_NAME_RE = re.compile(r"(TOKEN|SECRET|PASSWORD|PASSWD|API_KEY|ACCESS_KEY|PRIVATE)", re.IGNORECASE)
-
-
-@dataclass
-class Issue:
-    """One problem in a spec: where (path + line) and what."""
-
-    path: Path
-    message: str
-    line: int | None = None
-    source: str = ""
-
-    def render(self) -> str:
-        where = self.source or "<spec>"
-        if self.line == 0:
-            where = "--set"
-        elif self.line is not None:
-            where += f":{self.line}"
-        dotted = dotted_path(self.path) or "<root>"
-        return f"{where}: {dotted}: {self.message}"
-
-
-class SpecError(Exception):
-    """A spec failed to load or validate. Holds every issue found."""
-
-    def __init__(self, issues: list[Issue]):
-        self.issues = issues
-        super().__init__("\n".join(i.render() for i in issues))
 
 
 @dataclass
@@ -71,16 +44,6 @@ class Loaded:
                 return self.lines[p]
             p = p[:-1]
         return self.lines.get(())
-
-
-def dotted_path(path: Path) -> str:
-    out = ""
-    for part in path:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        else:
-            out += ("." if out else "") + str(part)
-    return out
 
 
 class _Walker:

@@ -8,8 +8,8 @@ from typing import TYPE_CHECKING
 
 import torch.nn as nn
 
-from raybig.train.data import VOCAB_SIZE
-from raybig.train.model import GPT, GPTConfig
+from raybig.data.text import VOCAB_SIZE
+from raybig.model import GPT, GPTConfig
 
 if TYPE_CHECKING:
     from raybig.spec.models import TrainSpec

@@ -24,13 +24,10 @@ import os
 from dataclasses import dataclass, field
 
 from raybig import storage
+from raybig.errors import IncompleteCheckpointError
 
 SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train v2's registry of reported checkpoints
 MANIFEST = "raybig-manifest-rank{rank}.json"
-
-
-class IncompleteCheckpointError(RuntimeError):
-    """A checkpoint folder some rank's files never fully reached."""
 
 
 def write_manifest(local_dir: str, rank: int, world_size: int, step: int) -> str:

@@ -21,7 +21,7 @@ import torch.distributed as dist
 from raybig.spec.models import TrainSpec
 from raybig.train.build import build_model, gpt_config
 from raybig.train.checkpoints import write_manifest
-from raybig.train.data import VOCAB_SIZE, Batches
+from raybig.data.text import VOCAB_SIZE, Batches
 from raybig.train.ds_config import build_ds_config, resolve_precision
 
 

@@ -57,7 +57,7 @@ def count_params(spec: TrainSpec) -> int:
     """Parameter count without allocating: analytic for GPT, meta device for plug-ins."""
     m = spec.model
     if m.target is None:
-        from raybig.train.data import VOCAB_SIZE
+        from raybig.data.text import VOCAB_SIZE
 
         s = m.gpt_shape()
         d, L = s["n_embd"], s["n_layer"]

@@ -55,7 +55,7 @@ def run_train_with_progress(spec: TrainSpec, address: str | None = None, resume_
 def sample_text(export_dir: str, spec: TrainSpec) -> str:
     import torch
 
-    from raybig.train.data import decode, encode
+    from raybig.data.text import decode, encode
     from raybig.train.export import load_model
 
     model, _ = load_model(export_dir)

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from raybig import storage
+from raybig.errors import TrainingFailed
 from raybig.spec import freeze, spec_hash
 from raybig.spec.models import TrainSpec
 
@@ -96,7 +97,7 @@ def build_trainer(spec: TrainSpec, queue: Any = None, resume_from: str | None = 
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from raybig.ray_env import worker_env
+    from raybig.cluster.ray_env import worker_env
 
     r = spec.resources
     use_gpu = r.gpus_per_worker > 0
@@ -140,7 +141,7 @@ def run_train(spec: TrainSpec, address: str | None = None, resume_from: str | No
     from ray.train import TrainingFailedError
     from ray.util.queue import Queue
 
-    from raybig.ray_env import ensure_ray
+    from raybig.cluster.ray_env import ensure_ray
 
     r = spec.resources
     ensure_ray(address, num_cpus=r.workers * r.cpus_per_worker + 1,
@@ -203,10 +204,6 @@ def run_train(spec: TrainSpec, address: str | None = None, resume_from: str | No
     export = f"{run_dir}/export" if storage.exists(f"{run_dir}/export/config.json") else None
     _ = ray
     return TrainResult(run_dir, merged, _dedupe(history), ckpt, first_step, export)
-
-
-class TrainingFailed(RuntimeError):
-    """A train run that failed for good: Ray Train's worker-group restarts are spent."""
 
 
 def _explain_failure(spec: TrainSpec, err: BaseException) -> str:

@@ -21,6 +21,7 @@ from ray.tune import Callback
 from rich.console import Console
 
 from raybig import storage
+from raybig.errors import SweepMismatch
 from raybig.spec import freeze, spec_hash
 from raybig.spec.sweep import SweepSpec
 from raybig.tune.trial import run_trial, trial_name
@@ -28,10 +29,6 @@ from raybig.tune.trial import run_trial, trial_name
 console = Console(stderr=True, highlight=False)
 TUNE_DIR = "tune"
 STATUS = "status.json"
-
-
-class SweepMismatch(ValueError):
-    """The sweep directory holds a different sweep."""
 
 
 def sweep_dir_of(spec: SweepSpec) -> str:
@@ -122,7 +119,7 @@ class StatusCallback(Callback):
 
 def _metrics_callback(spec: SweepSpec) -> Any:
     """Prometheus: trials by state, best metric so far (raybig.metrics)."""
-    from raybig.metrics_sweep import SweepMetricsCallback
+    from raybig.tune.metrics_callback import SweepMetricsCallback
 
     return SweepMetricsCallback(spec.name, spec.metric, spec.mode)
 
@@ -211,7 +208,7 @@ def run_sweep(spec: SweepSpec, address: str | None = None, python_path: list[str
     """Run (or resume) the sweep to the end; write and return its report."""
     import os
 
-    from raybig.ray_env import ensure_ray
+    from raybig.cluster.ray_env import ensure_ray
     from raybig.tune.report import write_report
 
     b = spec.base.resources

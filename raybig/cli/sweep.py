@@ -7,7 +7,8 @@ import os
 
 import click
 
-from raybig.cli import UserError, main, out
+from raybig.cli import main, out
+from raybig.errors import RaybigError
 
 
 @main.group()
@@ -29,10 +30,10 @@ def report(run: str, as_json: bool) -> None:
 
         spec = load_spec(run)
         if spec.kind != "sweep":
-            raise UserError(f"{run} is a {spec.kind!r} spec, not a sweep", 2)
+            raise RaybigError(f"{run} is a {spec.kind!r} spec, not a sweep", 2)
         sweep_dir = storage.join(spec.storage.path, spec.name)
     if not storage.exists(f"{storage.normalize(sweep_dir)}/sweep.yaml"):
-        raise UserError(f"{sweep_dir}: not a sweep directory (no sweep.yaml)", 2)
+        raise RaybigError(f"{sweep_dir}: not a sweep directory (no sweep.yaml)", 2)
     rep = write_report(sweep_dir)
     if as_json:
         out.print_json(json.dumps(rep, default=str))

@@ -9,14 +9,14 @@ from typing import Any
 
 import click
 from rich.console import Console
+from rich.markup import escape
 
 from raybig import __version__
-from raybig.spec import SpecError, load_spec
+from raybig.errors import EXIT_INTERRUPTED, RaybigError, SpecError
+from raybig.spec import load_spec
 
 console = Console(stderr=True, highlight=False)
 out = Console(highlight=False, soft_wrap=True)
-
-EXIT_SPEC = 2
 
 
 class RaybigGroup(click.Group):
@@ -27,21 +27,13 @@ class RaybigGroup(click.Group):
             return super().invoke(ctx)
         except SpecError as e:
             for issue in e.issues:
-                console.print(f"[red]error[/red] {issue.render()}", soft_wrap=True)
+                console.print(f"[red]error[/red] {escape(issue.render())}", soft_wrap=True)
             n = len(e.issues)
             console.print(f"{n} problem{'s' if n != 1 else ''} in the spec; nothing was started.")
-            sys.exit(EXIT_SPEC)
-        except UserError as e:
-            console.print(f"[red]error[/red] {e}", soft_wrap=True)
-            sys.exit(e.code)
-
-
-class UserError(Exception):
-    """An error the user can act on; printed as one line."""
-
-    def __init__(self, message: str, code: int = 1):
-        super().__init__(message)
-        self.code = code
+            sys.exit(e.exit_code)
+        except RaybigError as e:
+            console.print(f"[red]error[/red] {escape(str(e))}", soft_wrap=True)
+            sys.exit(e.exit_code)
 
 
 set_option = click.option("--set", "overrides", multiple=True, metavar="PATH=VALUE",
@@ -68,7 +60,7 @@ def _load(path: str, overrides: tuple[str, ...]) -> Any:
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def validate(spec_path: str, overrides: tuple[str, ...], as_json: bool) -> None:
     """Check a spec and print its memory estimate; starts nothing."""
-    from raybig.report_text import validate_summary
+    from raybig.spec.summary import validate_summary
 
     spec = _load(spec_path, overrides)
     summary = validate_summary(spec)
@@ -100,16 +92,16 @@ def run(spec_path: str, overrides: tuple[str, ...], address: str | None, resume_
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/yellow]: workers stopped; the last checkpoint is kept and "
                       "`raybig run` on the same spec resumes from it.")
-        sys.exit(130)
+        sys.exit(EXIT_INTERRUPTED)
     if as_json and result is not None:
         out.print_json(json.dumps(result))
 
 
 if __name__ == "__main__":  # pragma: no cover
     main()
-from raybig import (  # noqa: E402  (command modules register themselves on `main`; add yours here)
-    cli_jobs,  # noqa: F401  (submit, status, logs, stop, list, queue, cluster)
-    cli_report,  # noqa: F401  (report)
-    cli_serve,  # noqa: F401  (serve status, serve down)
-    cli_sweep,  # noqa: F401  (sweep report)
+from raybig.cli import (  # noqa: E402  (command modules register themselves on `main`; add yours here)
+    jobs,  # noqa: F401  (submit, status, logs, stop, list, queue, cluster)
+    report,  # noqa: F401  (report)
+    serve,  # noqa: F401  (serve status, serve down)
+    sweep,  # noqa: F401  (sweep report)
 )

@@ -14,15 +14,12 @@ import yaml
 from rich.console import Console
 
 from raybig import storage
+from raybig.errors import PipelineFailed
 from raybig.spec.models import StorageSpec, TrainSpec
 from raybig.spec.pipeline import PipelineSpec, apply_set
 
 console = Console(stderr=True, highlight=False)
 STAGES = ("sweep", "train", "serve")
-
-
-class PipelineFailed(Exception):
-    """A stage failed; the message names it."""
 
 
 def pipeline_dir(spec: PipelineSpec) -> str:
@@ -106,13 +103,3 @@ def run_pipeline(spec: PipelineSpec, address: str | None = None, python_path: li
         run_serve(spec.serve_spec(st["train"]["export"]), address)
     return state
 
-
-def run_pipeline_cli(spec: PipelineSpec, address: str | None = None, python_path: list[str] | None = None,
-                     as_json: bool = False) -> dict[str, Any]:
-    from raybig.cli import UserError
-    from raybig.serve.deploy import ServeError
-
-    try:
-        return run_pipeline(spec, address, python_path, quiet=as_json)
-    except (PipelineFailed, ServeError) as e:
-        raise UserError(str(e)) from None

@@ -1,40 +1,25 @@
 """Cluster commands: submit, status, logs, stop, list, queue and `cluster up/status/down`.
 
-Thin over `raybig.scheduler.client` (Jobs API) and `raybig.cluster_local`. Cluster problems
+Thin over `raybig.scheduler.client` (Jobs API) and `raybig.cluster.local`. Cluster problems
 (unreachable, auth, unknown job) are one line and exit 3; a bad spec is exit 2 before anything
 reaches the cluster.
 """
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import sys
 import time
-from collections.abc import Callable
 from typing import Any
 
 import click
 
-from raybig.cli import UserError, _load, console, main, out, set_option
-from raybig.jobs_client import ClusterError
+from raybig.cli import _load, console, main, out, set_option
+from raybig.errors import RaybigError
 
 address_option = click.option("--address", default=None, metavar="URL",
                               help="Jobs API URL (default: $RAY_ADDRESS, then `raybig cluster up`'s).")
-
-
-def one_line(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """ClusterError -> UserError, so the group prints one line and exits with its code."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except ClusterError as e:
-            raise UserError(str(e), e.code) from None
-
-    return wrapper
 
 
 def _ago(t: float) -> str:
@@ -62,7 +47,6 @@ def _progress(m: dict[str, Any]) -> str:
 @click.option("-f", "--follow", is_flag=True, help="Stream the job's logs until it ends.")
 @click.option("--python", default=None, metavar="PATH",
               help="Interpreter on the cluster (default: the one Ray itself runs under).")
-@one_line
 def submit(spec_path: str, overrides: tuple[str, ...], address: str | None, priority: int | None,
            follow: bool, python: str | None) -> None:
     """Validate SPEC locally, then queue it on a Ray cluster."""
@@ -86,17 +70,17 @@ def submit(spec_path: str, overrides: tuple[str, ...], address: str | None, prio
 
 def _submit_serve(spec: Any, address: str | None) -> None:
     """A serve spec is a long-lived app, not a queued job: it goes to Serve's declarative config."""
-    from raybig.jobs_client import resolve_address
+    from raybig.cluster.jobs import resolve_address
 
     try:
         from raybig.serve.deploy import ServeError, deploy
     except ImportError:
-        raise UserError("kind: serve cannot be submitted: raybig.serve is not installed here") from None
+        raise RaybigError("kind: serve cannot be submitted: raybig.serve is not installed here") from None
     url = resolve_address(address)
     try:
         deploy(spec, address=url)
     except ServeError as e:
-        raise UserError(str(e), 3) from None
+        raise RaybigError(str(e), 3) from None
     console.print(f"[green]deployed[/green] serve app {spec.name!r} to {url} (Serve's declarative config)")
     out.print(spec.name)
 
@@ -105,7 +89,6 @@ def _submit_serve(spec: Any, address: str | None) -> None:
 @click.argument("job_id", metavar="JOB", required=False)
 @address_option
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-@one_line
 def status(job_id: str | None, address: str | None, as_json: bool) -> None:
     """State, queue position, why it waits, progress (one job, or all active ones)."""
     from raybig.scheduler import client
@@ -133,7 +116,6 @@ def status(job_id: str | None, address: str | None, as_json: bool) -> None:
 @click.argument("job_id", metavar="JOB")
 @address_option
 @click.option("-f", "--follow", is_flag=True, help="Keep streaming until the job ends.")
-@one_line
 def logs(job_id: str, address: str | None, follow: bool) -> None:
     """Print a job's logs."""
     from raybig.scheduler import client
@@ -147,7 +129,6 @@ def logs(job_id: str, address: str | None, follow: bool) -> None:
 @main.command()
 @click.argument("job_id", metavar="JOB")
 @address_option
-@one_line
 def stop(job_id: str, address: str | None) -> None:
     """Stop a queued or running job (its workers and reservations are freed)."""
     from raybig.scheduler import client
@@ -179,7 +160,6 @@ def _table(views: list[Any], as_json: bool) -> None:
 @address_option
 @click.option("--all", "include_all", is_flag=True, help="Include finished and non-raybig jobs.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-@one_line
 def list_cmd(address: str | None, include_all: bool, as_json: bool) -> None:
     """Active raybig jobs (--all: every job in Ray's job table)."""
     from raybig.scheduler import client
@@ -190,7 +170,6 @@ def list_cmd(address: str | None, include_all: bool, as_json: bool) -> None:
 @main.command()
 @address_option
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-@one_line
 def queue(address: str | None, as_json: bool) -> None:
     """The whole queue in order: running jobs, then waiting ones by priority and age."""
     from raybig.scheduler import client
@@ -209,39 +188,37 @@ def cluster() -> None:
 @click.option("--head-cpus", type=float, default=1, show_default=True)
 @click.option("--worker-cpus", type=float, default=1, show_default=True)
 @click.option("--dir", "cdir", default=None, help="State/log folder (default ~/.raybig/cluster).")
-@one_line
 def cluster_up(workers: int, head_cpus: float, worker_cpus: float, cdir: str | None) -> None:
     """Start a head and WORKERS worker nodes as separate Ray processes; saves the address."""
-    from raybig.cluster_local import LocalCluster, default_dir, default_token_path
-    from raybig.jobs_client import save_default_address
+    from raybig.cluster.local import LocalCluster, default_dir, default_token_path
+    from raybig.cluster.jobs import save_default_address
 
     d = str(cdir or default_dir())
     old = LocalCluster.load(d)
     if old and old.alive():
-        raise UserError(f"a cluster is already up at {old.address} (raybig cluster down first)")
+        raise RaybigError(f"a cluster is already up at {old.address} (raybig cluster down first)")
     c = LocalCluster(dir=d, workers=workers, head_cpus=head_cpus, worker_cpus=worker_cpus,
                      token_path=default_token_path())
     try:
         c.up()
     except (RuntimeError, TimeoutError) as e:
         c.down()
-        raise UserError(str(e)) from None
+        raise RaybigError(str(e)) from None
     save_default_address(c.address)
     out.print(f"[green]up[/green] {c.address}: head + {workers} worker node(s); token {c.token_path}")
 
 
 @cluster.command("status")
 @click.option("--dir", "cdir", default=None)
-@one_line
 def cluster_status(cdir: str | None) -> None:
     """Is the local cluster up, and its nodes."""
-    from raybig.cluster_local import LocalCluster
+    from raybig.cluster.local import LocalCluster
 
     c = LocalCluster.load(cdir)
     if not c or not c.pids:
-        raise UserError("no local cluster is up (raybig cluster up)")
+        raise RaybigError("no local cluster is up (raybig cluster up)")
     if not c.alive():
-        raise UserError(f"the local cluster at {c.address} is partly or fully down ({c.dir}); "
+        raise RaybigError(f"the local cluster at {c.address} is partly or fully down ({c.dir}); "
                         "run `raybig cluster down` then `up`")
     nodes = c.nodes()
     out.print(f"{c.address}: {len(nodes)} node(s) alive")
@@ -254,10 +231,9 @@ def cluster_status(cdir: str | None) -> None:
 
 @cluster.command("down")
 @click.option("--dir", "cdir", default=None)
-@one_line
 def cluster_down(cdir: str | None) -> None:
     """Stop the local cluster's processes (by PID; never `ray stop`)."""
-    from raybig.cluster_local import LocalCluster
+    from raybig.cluster.local import LocalCluster
 
     c = LocalCluster.load(cdir)
     if not c or not c.pids:

@@ -18,7 +18,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from raybig.ray_env import dashboard_host, free_port
+from raybig.cluster.ray_env import dashboard_host, free_port
 
 
 def default_dir() -> pathlib.Path:

@@ -6,7 +6,8 @@ import json
 
 import click
 
-from raybig.cli import UserError, main, out
+from raybig.cli import main, out
+from raybig.errors import RaybigError
 
 address_option = click.option(
     "--address", default=None, metavar="URL",
@@ -24,7 +25,7 @@ def _call(fn, *args):  # noqa: ANN001, ANN202
     try:
         return fn(*args)
     except ServeError as e:
-        raise UserError(str(e)) from None
+        raise RaybigError(str(e)) from None
 
 
 @serve.command("status")
@@ -59,6 +60,6 @@ def serve_down(name: str | None, all_: bool, address: str | None) -> None:
     from raybig.serve.deploy import delete_app
 
     if not name and not all_:
-        raise UserError("give an application NAME or --all", code=2)
+        raise RaybigError("give an application NAME or --all", exit_code=2)
     removed = _call(delete_app, None if all_ else name, address)
     out.print(f"removed {', '.join(removed) if removed else 'nothing (no applications)'}")

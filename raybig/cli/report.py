@@ -7,7 +7,8 @@ import os
 
 import click
 
-from raybig.cli import UserError, main, out
+from raybig.cli import main, out
+from raybig.errors import RaybigError
 
 
 @main.command("report")
@@ -28,12 +29,12 @@ def report_cmd(run: str, out_dir: str | None, tensorboard: bool, as_json: bool) 
 
         spec = load_spec(run)  # SpecError -> exit 2 with path + line
         if not hasattr(spec, "storage"):
-            raise UserError(f"{run} is a {spec.kind!r} spec; it has no run directory to report on", 2)
+            raise RaybigError(f"{run} is a {spec.kind!r} spec; it has no run directory to report on", 2)
         run_dir = storage.join(spec.storage.path, spec.name)
     try:
         rep = report(run_dir, out_dir, tensorboard)
     except ReportError as e:
-        raise UserError(str(e), 2) from None
+        raise RaybigError(str(e), 2) from None
     if as_json:
         out.print_json(json.dumps(rep.to_json(), default=str))
         return

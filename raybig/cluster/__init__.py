@@ -1,0 +1,1 @@
+"""Where raybig finds and starts Ray: addresses, tokens, ports, local clusters."""

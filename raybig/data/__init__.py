@@ -1,0 +1,1 @@
+"""Training data: sources, tokenization and per-rank batch streams."""
