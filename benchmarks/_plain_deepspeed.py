@@ -16,9 +16,9 @@ import deepspeed  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
+from raybig.data.text import Batches  # noqa: E402
 from raybig.spec import load_spec  # noqa: E402
 from raybig.train.build import build_model  # noqa: E402
-from raybig.data.text import Batches  # noqa: E402
 from raybig.train.ds_config import build_ds_config  # noqa: E402
 from raybig.train.loop import disable_shm_comm_build, param_groups  # noqa: E402
 

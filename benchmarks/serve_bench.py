@@ -18,11 +18,11 @@ from typing import Any
 import requests
 import torch
 
+from raybig.data.text import encode
+from raybig.model import GPT, GPTConfig
 from raybig.serve.engine import Batch, Row, quantize_int8
 from raybig.spec.models import PRESETS
-from raybig.data.text import encode
 from raybig.train.export import load_model, write_export
-from raybig.model import GPT, GPTConfig
 
 PROMPT = "def fibonacci(n):\n    "
 

@@ -263,8 +263,8 @@ def train_metrics_for(spec: Any, rank: int, world_size: int, run: str | None = N
     fpt = None
     with contextlib.suppress(Exception):
         if spec.model.target is None:
-            from raybig.train.build import gpt_config
             from raybig.model import flops_per_token
+            from raybig.train.build import gpt_config
 
             fpt = flops_per_token(gpt_config(spec), spec.data.seq_len)
     return TrainMetrics(spec.name, run or spec.name, trial, rank, world_size, fpt, peak_flops())

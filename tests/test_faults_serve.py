@@ -114,9 +114,9 @@ def tiny_export(tmp_path_factory) -> str:
     """A random-weight gpt-debug export: serving needs weights, not a trained model (no Train run)."""
     import torch
 
+    from raybig.model import GPT, GPTConfig
     from raybig.spec.models import PRESETS
     from raybig.train.export import write_export
-    from raybig.model import GPT, GPTConfig
 
     torch.manual_seed(0)
     gpt = GPT(GPTConfig(**{**PRESETS["gpt-debug"], "block_size": 256}))

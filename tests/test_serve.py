@@ -84,8 +84,8 @@ def main_app(ckpt, dash) -> str:
 
 
 def in_process_greedy(ckpt: str, prompt: str, n: int, int8: bool = False) -> str:
-    from raybig.serve.engine import quantize_int8
     from raybig.data.text import decode, encode
+    from raybig.serve.engine import quantize_int8
     from raybig.train.export import load_model
 
     model, _ = load_model(ckpt)
@@ -165,8 +165,8 @@ def test_overload_gets_503_never_500(ckpt, dash):
 
 
 def test_int8_serves_and_stays_close_to_fp32(ckpt, dash):
-    from raybig.serve.engine import quantize_int8
     from raybig.data.text import encode
+    from raybig.serve.engine import quantize_int8
     from raybig.train.export import load_model
 
     url = deploy("t-int8", ckpt, dash, "quantize: int8\n")

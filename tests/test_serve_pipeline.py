@@ -57,8 +57,8 @@ def test_pipeline_sweeps_trains_serves_and_skips_finished_stages(ray_local, tmp_
     from ray import serve
 
     from raybig.cluster.ray_env import free_port
-    from raybig.serve.deploy import delete_app
     from raybig.pipeline import pipeline_dir, read_state, run_pipeline
+    from raybig.serve.deploy import delete_app
 
     serve.start(http_options={"host": "127.0.0.1", "port": free_port()})  # no-op if already up
     spec = load_spec_text(PIPE.format(storage=tmp_path))

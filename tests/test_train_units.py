@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
+from raybig.data.text import Batches, decode, encode, read_corpus
+from raybig.model import GPT, GPTConfig, flops_per_token
 from raybig.spec import load_spec_text
 from raybig.train.build import build_model, gpt_config
-from raybig.data.text import Batches, decode, encode, read_corpus
 from raybig.train.ds_config import build_ds_config, resolve_precision
 from raybig.train.memory import count_params, model_state_bytes
-from raybig.model import GPT, GPTConfig, flops_per_token
 
 pytestmark = pytest.mark.unit
 

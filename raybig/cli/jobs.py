@@ -190,8 +190,8 @@ def cluster() -> None:
 @click.option("--dir", "cdir", default=None, help="State/log folder (default ~/.raybig/cluster).")
 def cluster_up(workers: int, head_cpus: float, worker_cpus: float, cdir: str | None) -> None:
     """Start a head and WORKERS worker nodes as separate Ray processes; saves the address."""
-    from raybig.cluster.local import LocalCluster, default_dir, default_token_path
     from raybig.cluster.jobs import save_default_address
+    from raybig.cluster.local import LocalCluster, default_dir, default_token_path
 
     d = str(cdir or default_dir())
     old = LocalCluster.load(d)

@@ -16,8 +16,8 @@ from typing import Any
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from raybig.serve.engine import Row
 from raybig.data.text import encode
+from raybig.serve.engine import Row
 
 
 class ApiError(Exception):

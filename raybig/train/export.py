@@ -112,8 +112,8 @@ def load_state_dict(uri: str) -> dict[str, torch.Tensor]:
 
 def load_model(uri: str, dtype: torch.dtype = torch.float32) -> tuple[torch.nn.Module, dict[str, Any]]:
     """The exported model, ready for inference, without DeepSpeed."""
-    from raybig.train.build import load_target
     from raybig.model import GPT, GPTConfig
+    from raybig.train.build import load_target
 
     sd, meta = read_export(uri)
     cfg = meta["model"]

@@ -18,10 +18,10 @@ from typing import Any, Protocol
 import torch
 import torch.distributed as dist
 
+from raybig.data.text import VOCAB_SIZE, Batches
 from raybig.spec.models import TrainSpec
 from raybig.train.build import build_model, gpt_config
 from raybig.train.checkpoints import write_manifest
-from raybig.data.text import VOCAB_SIZE, Batches
 from raybig.train.ds_config import build_ds_config, resolve_precision
 
 
