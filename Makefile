@@ -28,8 +28,11 @@ test: setup
 test-fast: setup
 	$(BIN)/pytest -q -m "unit" tests
 
+# ruff (with pydocstyle rules), the type checker, and the import-layer contract of pyproject.toml.
 lint: setup
 	$(BIN)/ruff check raybig tests benchmarks
+	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 clean:
 	rm -rf runs .pytest_cache
