@@ -6,9 +6,12 @@
    but RAYBIG_SCHEDULER=off: no queue, no admission). Both clocks start when the CLI process starts,
    so both include CLI start-up. RUNNING = Ray's job status for plain, the admitted holder for raybig.
    First step = the first `[raybig] metrics` line with a training loss in the job's logs.
-2. Scheduler decisions per second with 500 queued jobs (the pure policy, `policy.decide`).
+2. The pure policy (`policy.decide`, no Ray): ms per full scheduling pass over a generated queue,
+   for each JOBSxNODES in --sizes; --before also times the pre-rewrite policy kept as the reference
+   in tests/test_scheduler_policy.py (slow: 20-60 s a pass at 10,000 x 256).
 
-    .venv/bin/python benchmarks/scheduler_submit.py [--reps 2] [--skip-cluster]
+    .venv/bin/python benchmarks/scheduler_submit.py [--reps 2] [--skip-cluster | --policy-only]
+        [--sizes 500x16,2000x64,5000x128,10000x256] [--before] [--seconds 3]
 """
 
 from __future__ import annotations
@@ -29,8 +32,13 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 
-def decide_rate(n_jobs: int = 500, n_nodes: int = 16, seconds: float = 3.0) -> dict[str, float]:
-    from raybig.scheduler.policy import Demand, Job, Node, decide
+def make_scenario(n_jobs: int = 500, n_nodes: int = 16):
+    """The benchmark's queue: `n_jobs` jobs (the first 40 already admitted) on `n_nodes` equal nodes.
+
+    Nodes: 32 CPU, 4 GPU, 256 GB each. Jobs: 1/2/4/8 workers of 2/4/8 CPU and 0/1 GPU, plus a 0.5-CPU
+    driver; priorities 0-9; users u0-u4, u0 capped at 8 GPU. Seeded: every call returns the same queue.
+    """
+    from raybig.scheduler.policy import Demand, Job, Node
 
     rng = random.Random(0)
     nodes = [Node({"CPU": 32.0, "GPU": 4.0, "memory": 256e9}, {"CPU": 32.0, "GPU": 4.0, "memory": 256e9})
@@ -41,17 +49,65 @@ def decide_rate(n_jobs: int = 500, n_nodes: int = 16, seconds: float = 3.0) -> d
         per = {"CPU": float(rng.choice([2, 4, 8])), "GPU": float(rng.choice([0, 1]))}
         jobs.append(Job(f"j{i}", rng.randint(0, 9), float(i), Demand.of(w, per, {"CPU": 0.5}),
                         user=f"u{i % 5}", admitted=i < 40))
-    quotas = {"u0": {"GPU": 8.0}}
-    calls, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
-        # decide() marks what it admits: every pass starts from the same 40 running + 460 queued.
-        fresh = [Job(j.job_id, j.priority, j.submitted_at, j.demand, j.user, admitted=int(j.job_id[1:]) < 40)
+    return jobs, nodes, {"u0": {"GPU": 8.0}}
+
+
+def decide_rate(n_jobs: int = 500, n_nodes: int = 16, seconds: float = 3.0, min_passes: int = 3,
+                reference: bool = False) -> dict[str, float]:
+    """Time full `decide` passes over `make_scenario(n_jobs, n_nodes)`.
+
+    Only `decide` is timed (the fresh copy of the queue each pass needs is built outside the clock).
+    Runs for `seconds` and at least `min_passes` passes (one pass if `reference` and a pass is slow).
+    `reference=True` times the pre-rewrite policy kept in tests/test_scheduler_policy.py.
+    """
+    from raybig.scheduler.policy import Job, decide
+
+    if reference:
+        from tests.test_scheduler_policy import _reference_decide as decide  # noqa: F811
+    jobs, nodes, quotas = make_scenario(n_jobs, n_nodes)
+    times: list[float] = []
+    cpu: list[float] = []
+    admitted = 0
+    while sum(times) < seconds or len(times) < min_passes:
+        # decide() marks what it admits: every pass starts from the same 40 running + the rest queued.
+        fresh = [Job(j.job_id, j.priority, j.submitted_at, j.demand, j.user, admitted=j.admitted)
                  for j in jobs]
-        decide(fresh, nodes, quotas)
-        calls += 1
-    dt = time.perf_counter() - t0
-    return {"passes_per_s": calls / dt, "job_decisions_per_s": calls * (n_jobs - 40) / dt,
-            "ms_per_pass": 1000 * dt / calls}
+        t0, c0 = time.perf_counter(), time.process_time()
+        dec = decide(fresh, nodes, quotas)
+        times.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
+        admitted = len(dec.admit)
+        if reference and times[-1] > seconds:
+            break
+    waiting = sum(1 for j in jobs if not j.admitted)
+    ms = 1000 * statistics.median(times)
+    return {"passes": len(times), "ms_per_pass": ms, "ms_min": 1000 * min(times),
+            "cpu_ms_per_pass": 1000 * statistics.median(cpu),
+            "passes_per_s": 1000 / ms, "job_decisions_per_s": waiting * 1000 / ms, "admitted": admitted}
+
+
+def policy_scaling(sizes: list[tuple[int, int]], seconds: float, before: bool) -> None:
+    """Print the scaling table: ms per full pass, jobs x nodes, after (and before) the rewrite."""
+    print("### Scheduler policy: one full pass (`policy.decide`); medians, wall-clock ms (CPU ms)\n")
+    if before:
+        print("| jobs x nodes | admitted | before: ms / pass (CPU ms) | after: ms / pass (CPU ms) "
+              "| after: fastest pass, ms | speed-up |")
+        print("|---|---:|---:|---:|---:|---:|")
+    else:
+        print("| jobs x nodes | admitted | ms / pass, median (min) | CPU ms / pass | job decisions / s |")
+        print("|---|---:|---:|---:|---:|")
+    for n_jobs, n_nodes in sizes:
+        new = decide_rate(n_jobs, n_nodes, seconds)
+        if before:
+            old = decide_rate(n_jobs, n_nodes, seconds, min_passes=1, reference=True)
+            assert old["admitted"] == new["admitted"]
+            print(f"| {n_jobs:,} x {n_nodes} | {new['admitted']} | {old['ms_per_pass']:,.1f} "
+                  f"({old['cpu_ms_per_pass']:,.1f}) | {new['ms_per_pass']:.1f} ({new['cpu_ms_per_pass']:.1f}) "
+                  f"| {new['ms_min']:.1f} | {old['ms_per_pass'] / new['ms_per_pass']:,.0f}x |", flush=True)
+        else:
+            print(f"| {n_jobs:,} x {n_nodes} | {new['admitted']} | {new['ms_per_pass']:.1f} ({new['ms_min']:.1f}) "
+                  f"| {new['cpu_ms_per_pass']:.1f} | {new['job_decisions_per_s']:,.0f} |", flush=True)
+    print()
 
 
 def _first(pred, timeout: float = 150, every: float = 0.1) -> float:
@@ -131,7 +187,13 @@ def latency(reps: int) -> list[dict[str, float]]:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--reps", type=int, default=2)
-    ap.add_argument("--skip-cluster", action="store_true")
+    ap.add_argument("--skip-cluster", "--policy-only", dest="skip_cluster", action="store_true",
+                    help="only the pure-policy pass (no Ray cluster needed)")
+    ap.add_argument("--sizes", default="500x16",
+                    help="comma-separated JOBSxNODES for the policy pass, e.g. 500x16,2000x64,10000x256")
+    ap.add_argument("--before", action="store_true",
+                    help="also time the pre-rewrite policy (tests/test_scheduler_policy.py) on each size")
+    ap.add_argument("--seconds", type=float, default=3.0, help="time budget per size and policy")
     a = ap.parse_args()
     if not a.skip_cluster:
         rows = latency(a.reps)
@@ -146,11 +208,8 @@ def main() -> None:
               f"{med[False]['first_step_s']:.2f} |")
         print(f"| ratio raybig / plain | {med[False]['running_s'] / med[True]['running_s']:.2f}x | "
               f"{med[False]['first_step_s'] / med[True]['first_step_s']:.2f}x |\n")
-    r = decide_rate()
-    print("### Scheduler decisions (500 queued jobs, 16 nodes, quotas on; pure policy)\n")
-    print("| full passes / s | ms per pass | job decisions / s |")
-    print("|---:|---:|---:|")
-    print(f"| {r['passes_per_s']:.0f} | {r['ms_per_pass']:.2f} | {r['job_decisions_per_s']:.0f} |")
+    sizes = [tuple(int(x) for x in s.lower().split("x")) for s in a.sizes.split(",") if s]
+    policy_scaling(sizes, a.seconds, a.before)
 
 
 if __name__ == "__main__":
