@@ -1,10 +1,13 @@
 """Every PromQL expression in dashboards/ against a real Prometheus scraping a real local Ray.
 
+First, a plain `raybig run` of a train spec (its own embedded Ray, no dashboard) must be found by a
+Prometheus configured as dashboards/prometheus.yml, through the discovery file the README names.
+
 One module fixture: Debian's Prometheus on its own port (1 s scrapes) file_sd's the service-discovery
 file Ray writes in its session dir; a short raybig training job runs, its export is served by the
 raybig Serve app, and a few completions are sent. Then every panel expression and every template
 variable query is evaluated over that time window through /api/v1/query_range: each must parse, and
-each must return data unless it only names a metric nothing emits yet (preemptions) or is on the
+each must return data unless it only names a metric nothing emits yet or is on the
 explicit may-be-empty allowlist. Sweep and scheduler emitters are driven directly (see below). Also `raybig report` on the finished run.
 """
 
@@ -32,9 +35,9 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 DASHBOARDS = ROOT / "dashboards"
 PROMETHEUS = shutil.which("prometheus") or "/usr/bin/prometheus"
 
-# Declared in raybig.metrics but emitted by nothing yet (the scheduler does not preempt): such a
-# metric must be declared, and its expressions must parse, but they cannot return data.
-NEVER_EMITTED = {"ray_raybig_scheduler_preemptions_total"}
+# Declared in raybig.metrics but emitted by nothing yet: such a metric must be declared, and its
+# expressions must parse, but they cannot return data. (None today.)
+NEVER_EMITTED: set[str] = set()
 # Expressions that may legitimately be empty even while everything runs (by panel title).
 MAY_BE_EMPTY = {
     "Serve 5xx errors",  # no server errors in a healthy test run
@@ -77,16 +80,18 @@ def _session_dir() -> str:
     return ray._private.worker._global_node.get_session_dir_path()
 
 
-def start_prometheus(tmp: pathlib.Path, sd_file: str) -> tuple[subprocess.Popen, str]:
+def start_prometheus(tmp: pathlib.Path, sd_file: str | None = None,
+                     config: str | None = None) -> tuple[subprocess.Popen, str]:
+    """Prometheus on a free port, file_sd'ing `sd_file` (1 s scrapes), or with `config` as given."""
     from raybig.cluster.ray_env import free_port
 
     port = free_port()
     cfg = tmp / "prometheus.yml"
-    cfg.write_text(
+    cfg.write_text(config or (
         "global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
         "scrape_configs:\n"
         "  - job_name: ray\n"
-        f"    file_sd_configs: [{{files: ['{sd_file}'], refresh_interval: 1s}}]\n")
+        f"    file_sd_configs: [{{files: ['{sd_file}'], refresh_interval: 1s}}]\n"))
     log = open(tmp / "prometheus.log", "w")  # noqa: SIM115  (closed with the process)
     proc = subprocess.Popen([PROMETHEUS, f"--config.file={cfg}", f"--storage.tsdb.path={tmp / 'data'}",
                              f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"],
@@ -155,6 +160,109 @@ def keep_traffic(stop: threading.Event, serve_url: str) -> None:
         _post(f"{serve_url}/completions", {"model": "obs-serve", "prompt": "x", "max_tokens": 2})
         i += 1
         stop.wait(1.0)
+
+
+def readme_prometheus_config(sd_prefix: str | None = None) -> tuple[str, str]:
+    """dashboards/prometheus.yml as the README runs it, with 1 s scrapes and refreshes; `sd_prefix`
+    replaces its `/tmp/ray` (what its comment says to do when Ray runs with another temp dir).
+    Returns (config text, the discovery file it reads)."""
+    import yaml
+
+    cfg = yaml.safe_load((DASHBOARDS / "prometheus.yml").read_text())
+    [job] = cfg["scrape_configs"]
+    [sd] = job["file_sd_configs"]
+    [path] = sd["files"]
+    assert path == "/tmp/ray/prom_metrics_service_discovery.json"
+    assert f"`{path}`" in (ROOT / "README.md").read_text()
+    if sd_prefix:
+        path = path.replace("/tmp/ray", sd_prefix, 1)
+        sd["files"] = [path]
+    cfg["global"].update(scrape_interval="1s", evaluation_interval="1s")
+    sd["refresh_interval"] = "1s"
+    return yaml.safe_dump(cfg), path
+
+
+def test_discovery_files_of_two_rays_on_one_machine(tmp_path):
+    """Each session keeps its own file; the well-known link follows the one written last (no Ray)."""
+    from raybig.cluster.ray_env import PROM_SD_FILE, link_prometheus_sd, write_prometheus_sd
+
+    a, b = tmp_path / "session_a", tmp_path / "session_b"
+    a.mkdir()
+    b.mkdir()
+    fa, link = write_prometheus_sd(str(a), str(tmp_path), ["10.0.0.1:1001"])
+    fb, _ = write_prometheus_sd(str(b), str(tmp_path), ["10.0.0.1:2002"])
+    assert link == str(tmp_path / PROM_SD_FILE) and os.readlink(link) == fb
+    assert json.loads(pathlib.Path(fa).read_text()) == [{"labels": {"job": "ray"}, "targets": ["10.0.0.1:1001"]}]
+    assert json.loads(pathlib.Path(link).read_text())[0]["targets"] == ["10.0.0.1:2002"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [PROM_SD_FILE, "session_a", "session_b"]  # no temp files
+    # a cluster with its own --temp-dir is linked from the default one the same way
+    other = link_prometheus_sd(link, str(tmp_path / "default"))
+    assert json.loads(pathlib.Path(other).read_text())[0]["targets"] == ["10.0.0.1:2002"]
+
+
+def test_plain_run_is_scraped_through_the_readme_discovery_file(tmp_path):
+    """`raybig run` of a train spec (embedded Ray, no dashboard) leaves the discovery file where the
+    README says and prints its scrape targets; Prometheus configured as dashboards/prometheus.yml
+    finds the run's metrics.
+
+    Defined before the module fixture on purpose: a Ray with its dashboard (this process' shared one)
+    re-points the well-known link at itself every 5 s. If one is already up (whole-suite runs), the
+    run gets its own Ray temp dir and the config the matching path, as prometheus.yml's comment says.
+    """
+    import signal
+    import sys
+    import tempfile
+
+    import ray
+
+    if not os.path.exists(PROMETHEUS):
+        pytest.skip("prometheus is not installed (scripts/system-deps.sh installs Debian's package)")
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_TMPDIR", "TMPDIR")}
+    own_tmp = None
+    if ray.is_initialized() or os.environ.get("RAY_TMPDIR") or os.environ.get("TMPDIR"):
+        own_tmp = tempfile.mkdtemp(prefix="rbsd-", dir="/tmp")  # short: Ray's socket paths live under it
+        env["RAY_TMPDIR"] = own_tmp
+    config, sd_file = readme_prometheus_config(own_tmp and f"{own_tmp}/ray")
+    proc, prom = start_prometheus(tmp_path, config=config)
+    spec = tmp_path / "train.yaml"
+    spec.write_text(TRAIN.format(storage=tmp_path / "runs"))
+    # Steps enough to outlast any start-up; interrupted once scraped, so the test takes what it needs.
+    steps = 100_000
+    log = open(tmp_path / "run.log", "w")  # noqa: SIM115  (closed below)
+    run = subprocess.Popen(
+        [str(pathlib.Path(sys.executable).parent / "raybig"), "run", str(spec), "--set", "name=obs-sd",
+         "--set", "resources.workers=1", "--set", f"train.steps={steps}", "--set", "train.log_every=20",
+         "--set", f"train.eval_every={steps}", "--set", f"checkpoint.every={steps}"],
+        stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    t0 = time.monotonic()
+    try:
+        missing = ["x"]
+        while missing and run.poll() is None and time.monotonic() - t0 < 240:
+            missing = wait_for(prom, ['ray_raybig_train_step{run="obs-sd"} > 0'], timeout_s=5)
+        found_s = time.monotonic() - t0
+        out = (tmp_path / "run.log").read_text()
+        assert not missing, f"never scraped through {sd_file} (run rc={run.poll()}):\n{out[-3000:]}"
+        m = re.search(r"raybig: Prometheus scrape targets (\S+).* \(file_sd: (\S+) -> (\S+)\)", out)
+        assert m, out[-3000:]
+        node_target, link, session_file = m.groups()
+        assert link == sd_file and os.path.realpath(link) == session_file
+        assert json.loads(pathlib.Path(session_file).read_text())[0]["targets"][0] == node_target
+        up = _get(f"{prom}/api/v1/query?" + urllib.parse.urlencode({"query": f'up{{instance="{node_target}"}}'}))
+        assert [r["value"][1] for r in up["data"]["result"]] == ["1"]
+    finally:
+        if run.poll() is None:
+            run.send_signal(signal.SIGINT)  # as Ctrl-C: raybig stops the workers and its Ray
+            try:
+                run.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(run.pid, signal.SIGKILL)
+                run.wait(timeout=10)
+        log.close()
+        proc.terminate()
+        proc.wait(timeout=20)
+        if own_tmp:
+            shutil.rmtree(own_tmp, ignore_errors=True)
+    print(f"\nplain run scraped after {found_s:.0f} s; stopped after {time.monotonic() - t0:.0f} s")
 
 
 @pytest.fixture(scope="module")

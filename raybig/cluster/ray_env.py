@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import os
 import socket
+import sys
 from typing import Any
 
 
 def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -18,8 +22,11 @@ DEFAULT_HOST = "127.0.0.1"
 
 
 def dashboard_host() -> str:
-    """Where the dashboard (and with it the Jobs API) listens: loopback unless RAYBIG_DASHBOARD_HOST
-    says otherwise (e.g. 0.0.0.0 on a head node other machines submit to; token auth still applies)."""
+    """Where the dashboard (and with it the Jobs API) listens.
+
+    Loopback unless RAYBIG_DASHBOARD_HOST says otherwise (e.g. 0.0.0.0 on a head node other machines
+    submit to; token auth still applies).
+    """
     return os.environ.get("RAYBIG_DASHBOARD_HOST") or DEFAULT_HOST
 
 
@@ -55,7 +62,11 @@ def cluster_address(address: str | None) -> str | None:
 
 def ensure_ray(address: str | None = None, num_cpus: float | None = None, num_gpus: int | None = None,
                dashboard: bool = False, use_gpu: bool = False, verbose: bool = False) -> dict[str, Any]:
-    """Attach to a cluster, or start an embedded local Ray bound to 127.0.0.1."""
+    """Attach to a cluster, or start an embedded local Ray bound to 127.0.0.1.
+
+    An embedded Ray also gets its Prometheus discovery file and prints its scrape targets
+    (`publish_metrics_targets`); an attached cluster's head writes its own when its dashboard runs.
+    """
     import ray
 
     if ray.is_initialized():
@@ -71,4 +82,93 @@ def ensure_ray(address: str | None = None, num_cpus: float | None = None, num_gp
     os.environ.setdefault("RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH", "raybig.serve.proxy_errors:middlewares")
     ctx = ray.init(**init_kwargs(int(cpus + 0.999), num_gpus, dashboard, use_gpu), **quiet)
     return {"embedded": True, "address": getattr(ctx, "address_info", {}).get("address"),
-            "dashboard_url": getattr(ctx, "dashboard_url", None)}
+            "dashboard_url": getattr(ctx, "dashboard_url", None), **publish_metrics_targets()}
+
+
+# Ray's file name (ray_constants.PROMETHEUS_SERVICE_DISCOVERY_FILE); dashboards/prometheus.yml reads it.
+PROM_SD_FILE = "prom_metrics_service_discovery.json"
+
+
+def metrics_targets() -> list[str]:
+    """`host:port` of every metrics endpoint in the connected Ray.
+
+    As Ray's own discovery file lists them: each alive node's metrics export port, then the
+    autoscaler's and the dashboard's.
+    """
+    import ray
+    from ray.experimental.internal_kv import _internal_kv_get
+
+    def addr(host: str, port: int) -> str:
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+    targets = [addr(n["NodeManagerAddress"], n["MetricsExportPort"]) for n in ray.nodes() if n.get("Alive")]
+    for key in (b"AutoscalerMetricsAddress", b"DashboardMetricsAddress"):
+        v = _internal_kv_get(key)  # registered by those processes, started before the raylet
+        if v:
+            targets.append(v.decode())
+    return targets
+
+
+def write_prometheus_sd(session_dir: str, temp_dir: str, targets: list[str]) -> tuple[str, str]:
+    """Write Ray's Prometheus discovery file for `targets`; returns (session file, well-known path).
+
+    The file goes into `session_dir` and `<temp_dir>/prom_metrics_service_discovery.json` becomes a
+    link to it: the layout Ray's dashboard writes, so one prometheus.yml works either way. Each Ray has
+    its own session file; the well-known link follows the Ray started last on the machine (like
+    `<temp_dir>/session_latest`). A Ray running its dashboard re-points the link to itself every 5 s,
+    so with several Rays on one host, scrape a given one through its session file.
+    """
+    path = os.path.join(session_dir, PROM_SD_FILE)
+    tmp = f"{path}.raybig-{os.getpid()}"  # not Ray's temp name: its dashboard may write concurrently
+    with open(tmp, "w") as f:
+        json.dump([{"labels": {"job": "ray"}, "targets": targets}], f)
+    os.replace(tmp, path)  # atomic: Prometheus never reads half a file
+    return path, link_prometheus_sd(path, temp_dir)
+
+
+def link_prometheus_sd(sd_file: str, temp_dir: str | None = None) -> str:
+    """Make `<temp_dir>/prom_metrics_service_discovery.json` a link to `sd_file`; returns the link.
+
+    `temp_dir` defaults to Ray's default temp dir (`/tmp/ray`, or under RAY_TMPDIR / TMPDIR), the
+    path dashboards/prometheus.yml reads: a cluster started with its own `--temp-dir` links its
+    `<temp-dir>/prom_metrics_service_discovery.json` there to be found the same way.
+    """
+    if temp_dir is None:
+        from ray._common.utils import get_default_ray_temp_dir
+
+        temp_dir = get_default_ray_temp_dir()
+    link = os.path.join(temp_dir, PROM_SD_FILE)
+    if os.path.realpath(link) != os.path.realpath(sd_file):
+        os.makedirs(temp_dir, exist_ok=True)
+        tmp_link = f"{link}.raybig-{os.getpid()}"
+        try:
+            os.symlink(sd_file, tmp_link)
+            os.replace(tmp_link, link)  # replaces a link from an earlier session in one step
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp_link)
+            raise
+    return link
+
+
+def publish_metrics_targets() -> dict[str, Any]:
+    """Make the embedded Ray scrapeable as the README says.
+
+    Writes its discovery file and prints the scrape targets on stderr. Best effort: a failure is
+    reported, never raised.
+    """
+    import ray
+
+    # Without its dashboard (the default: it costs ~3 s of start-up and ~1 GB of RAM in 10 processes)
+    # Ray writes no discovery file, and its metrics port is random. One node whose ports are fixed for
+    # the session, so one write at start-up is enough; with the dashboard, Ray's own writer takes over.
+    try:
+        node = ray._private.worker._global_node
+        targets = metrics_targets()
+        path, link = write_prometheus_sd(node.get_session_dir_path(), node.get_temp_dir_path(), targets)
+    except Exception as e:  # metrics discovery must never fail a run
+        print(f"raybig: could not write the Prometheus discovery file: {e}", file=sys.stderr, flush=True)
+        return {}
+    print(f"raybig: Prometheus scrape targets {' '.join(targets)} (file_sd: {link} -> {path})",
+          file=sys.stderr, flush=True)
+    return {"metrics_targets": targets, "prometheus_sd_file": path}
