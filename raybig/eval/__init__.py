@@ -1,0 +1,9 @@
+"""Evaluation: perplexity and bits per byte on held-out tokens, and lm-eval harness tasks on an export.
+
+`perplexity` needs only torch and a causal LM (raybig's `GPT` or a transformers model); `harness`
+imports lm-eval lazily, so importing this package stays cheap.
+"""
+
+from raybig.eval.perplexity import PerplexityResult, evaluate_perplexity, perplexity_of_text, token_nll
+
+__all__ = ["PerplexityResult", "evaluate_perplexity", "perplexity_of_text", "token_nll"]
