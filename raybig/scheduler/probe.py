@@ -1,4 +1,4 @@
-"""`kind: probe`: a cluster smoke-test job that holds a gang of resources for a while.
+"""Runs `kind: probe` (the spec is `raybig.spec.probe.ProbeSpec`): a cluster smoke-test job that holds a gang of resources for a while.
 
 Why a kind of its own: it checks a cluster and the scheduler (queueing, gang admission, retries,
 stop) in seconds, without training anything. It reserves exactly what a train job with the same
@@ -11,32 +11,17 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import Field
+from raybig.spec.models import ResourcesSpec
+from raybig.spec.probe import ProbeSpec
 
-from raybig.spec.models import NAME_RE, ResourcesSpec, Strict
-
-
-class ProbeSpec(Strict):
-    """A probe job: hold `resources` for `seconds` (optionally fail the first attempts)."""
-
-    kind: Literal["probe"] = "probe"
-    name: str = Field(..., pattern=NAME_RE, description="Job name.")
-    resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
-    seconds: float = Field(2.0, ge=0.0, le=86400, description="How long to hold the gang.")
-    fail_attempts: int = Field(0, ge=0, le=100, description="Fail the first N attempts (retry drills).")
-    priority: int = Field(0, ge=-1000, le=1000, description="Scheduler priority (higher runs first).")
-    max_retries: int = Field(0, ge=0, le=100, description="Scheduler retries of a failed job.")
+__all__ = ["ProbeSpec", "bundles_of", "run_probe"]
 
 
 def bundles_of(r: ResourcesSpec) -> list[dict[str, float]]:
-    b: dict[str, float] = {"CPU": float(r.cpus_per_worker), **{k: float(v) for k, v in r.custom.items()}}
-    if r.gpus_per_worker:
-        b["GPU"] = float(r.gpus_per_worker)
-    if r.memory_per_worker:
-        b["memory"] = float(r.memory_per_worker)
-    return [dict(b) for _ in range(r.workers)]
+    """One placement-group bundle per worker: what a train job with these resources reserves."""
+    return [r.bundle() for _ in range(r.workers)]
 
 
 def run_probe(spec: ProbeSpec, address: str | None = None, **_: Any) -> dict[str, Any]:

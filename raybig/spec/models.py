@@ -1,7 +1,7 @@
-"""The typed job spec. Every field carries its description; validation lives here.
+"""The train spec and its sections. Every field carries its description; validation lives here.
 
-`JobSpec` is the union over `kind`. Later kinds (sweep, serve, pipeline) register
-themselves in `KINDS` so the loader dispatches on `kind` without a closed union.
+The other kinds live beside it (`sweep.py`, `serve.py`, `pipeline.py`, `probe.py`); `JobSpec`, the
+union of all of them, is in `raybig.spec.job`.
 """
 
 from __future__ import annotations
@@ -9,47 +9,13 @@ from __future__ import annotations
 import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
-# Error messages that start with "@sub.path: " are re-anchored to that sub path by the loader,
-# so a cross-field contradiction names the key the user wrote rather than its parent.
+from raybig.spec.base import MAX_BYTES, NAME_RE, Bytes, Name, QueuedSpec, Strict, at
 
-
-def at(field: str, message: str) -> ValueError:
-    return ValueError(f"@{field}: {message}")
-
-
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
-_UNITS = {"": 1, "B": 1, "K": 1e3, "KB": 1e3, "KI": 1024, "KIB": 1024, "M": 1e6, "MB": 1e6,
-          "MI": 1024**2, "MIB": 1024**2, "G": 1e9, "GB": 1e9, "GI": 1024**3, "GIB": 1024**3,
-          "T": 1e12, "TB": 1e12, "TI": 1024**4, "TIB": 1024**4}
-
-
-MAX_BYTES = 2**60  # 1 EiB: anything larger is a typo, and Ray would wait forever to reserve it
-
-
-def parse_bytes(value: Any) -> int:
-    """'8GiB' / '512MB' / 1024 -> bytes."""
-    if isinstance(value, bool) or not isinstance(value, int | float | str):
-        raise ValueError("expected a size such as '8GiB' or a number of bytes")
-    if isinstance(value, int | float):
-        n = float(value) if isinstance(value, float) else value
-    else:
-        m = _SIZE_RE.match(value) if len(value) <= 64 else None
-        if not m:
-            raise ValueError(f"{value[:40]!r} is not a size; use e.g. '8GiB', '512MB' or bytes")
-        n = float(m.group(1)) * _UNITS[(m.group(2) or "").upper()]
-    # NaN fails every comparison, so test for the good range rather than the bad one.
-    if not 0 < n <= MAX_BYTES:
-        raise ValueError("must be positive" if not n > 0 else f"larger than {MAX_BYTES} bytes (1 EiB)")
-    return int(n)
-
-
-class Strict(BaseModel):
-    # allow_inf_nan=False: YAML's .nan/.inf pass every ge/le bound check, so refuse them outright.
-    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True, allow_inf_nan=False)
-    # Paths whose values came from secret-looking env vars; freeze() writes them back as ${VAR}.
-    _secret_paths: dict = PrivateAttr(default_factory=dict)
+__all__ = ["MAX_BYTES", "NAME_RE", "PRESETS", "Bytes", "CheckpointSpec", "DataSpec", "DeepSpeedSpec",
+           "ModelSpec", "Name", "QueuedSpec", "ResourcesSpec", "SampleSpec", "StorageSpec", "Strict",
+           "TrainLoopSpec", "TrainSpec", "at"]
 
 
 # --- model -------------------------------------------------------------------------------------
@@ -103,6 +69,7 @@ class ModelSpec(Strict):
         return self
 
     def gpt_shape(self) -> dict[str, int]:
+        """n_layer, n_head, n_embd, block_size: the preset's values with explicit keys on top."""
         shape = dict(PRESETS[self.preset]) if self.preset else {"block_size": 256}
         for k in ("n_layer", "n_head", "n_embd", "block_size"):
             if getattr(self, k) is not None:
@@ -159,6 +126,7 @@ class TrainLoopSpec(Strict):
 
     @property
     def warmup(self) -> int:
+        """Linear warmup in steps: warmup_steps, or min(20, steps // 10) when unset."""
         return min(20, self.steps // 10) if self.warmup_steps is None else self.warmup_steps
 
 
@@ -195,8 +163,8 @@ class ResourcesSpec(Strict):
     workers: int = Field(2, ge=1, le=4096, description="Ray Train workers (data-parallel ranks).")
     cpus_per_worker: float = Field(1.0, gt=0.0, le=1024, description="CPUs reserved per worker.")
     gpus_per_worker: float = Field(0.0, ge=0.0, le=16, description="GPUs per worker (0 = CPU training).")
-    memory_per_worker: int | None = Field(None, description="RAM per worker, e.g. '8GiB'; checked against "
-                                          "the ZeRO memory estimate and reserved in Ray.")
+    memory_per_worker: Bytes | None = Field(None, description="RAM per worker in bytes, e.g. '8GiB'; "
+                                            "checked against the ZeRO memory estimate and reserved in Ray.")
     custom: dict[str, float] = Field(default_factory=dict, description="Custom Ray resources per worker.")
 
     @field_validator("custom")
@@ -212,10 +180,14 @@ class ResourcesSpec(Strict):
                     ValueError(f"{name[:40]!r}: must be between 0 and 1e6 (got {amount})")
         return v
 
-    @field_validator("memory_per_worker", mode="before")
-    @classmethod
-    def _mem(cls, v: Any) -> int | None:
-        return None if v is None else parse_bytes(v)
+    def bundle(self) -> dict[str, float]:
+        """One worker's Ray resource request: CPU, GPU (if any), memory in bytes (if set), custom."""
+        b: dict[str, float] = {"CPU": float(self.cpus_per_worker), **{k: float(v) for k, v in self.custom.items()}}
+        if self.gpus_per_worker:
+            b["GPU"] = float(self.gpus_per_worker)
+        if self.memory_per_worker:
+            b["memory"] = float(self.memory_per_worker)
+        return b
 
 
 class StorageSpec(Strict):
@@ -249,14 +221,11 @@ class SampleSpec(Strict):
     temperature: float = Field(0.8, ge=0.0, le=5.0, description="Sampling temperature.")
 
 
-NAME_RE = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$"
-
-
-class TrainSpec(Strict):
+class TrainSpec(QueuedSpec):
     """A training job: one GPT (or plug-in) model trained with DeepSpeed ZeRO on Ray Train."""
 
     kind: Literal["train"] = "train"
-    name: str = Field(..., pattern=NAME_RE, description="Run name; also the run directory's name.")
+    name: Name = Field(..., pattern=NAME_RE, description="Run name; also the run directory's name.")
     seed: int = Field(0, ge=0, le=2**31 - 1, description="Seeds init, data order and dropout.")
     model: ModelSpec = Field(default_factory=lambda: ModelSpec(preset="gpt-tiny"))
     data: DataSpec = Field(default_factory=DataSpec)
@@ -268,12 +237,11 @@ class TrainSpec(Strict):
     init_from: str | None = Field(None, description="Fine-tune: load weights (only) from this export or "
                                   "checkpoint URI.")
     sample: SampleSpec = Field(default_factory=SampleSpec)
-    priority: int = Field(0, ge=-1000, le=1000, description="Scheduler priority (higher runs first).")
-    max_retries: int = Field(0, ge=0, le=100, description="Scheduler retries of a failed job.")
 
     @model_validator(mode="after")
     def _check(self) -> TrainSpec:
-        from raybig.train.ds_config import check_extra
+        from raybig.spec.deepspeed import check_extra
+        from raybig.spec.memory import check_fit
 
         if self.deepspeed.precision == "fp16" and self.resources.gpus_per_worker == 0:
             raise at("deepspeed.precision", "fp16 is not supported by DeepSpeed's CPU accelerator; "
@@ -284,15 +252,22 @@ class TrainSpec(Strict):
                 raise at("data.seq_len", f"seq_len={self.data.seq_len} exceeds the model's block_size={bs}")
         for sub, msg in check_extra(self):
             raise at(f"deepspeed.extra.{sub}", msg)
-        from raybig.train.memory import check_fit
-
         problem = check_fit(self)
         if problem:
             raise at("resources.memory_per_worker", problem)
         return self
 
 
-# kind -> model. Later kinds add themselves here; the loader dispatches on `kind`.
-KINDS: dict[str, type[BaseModel]] = {"train": TrainSpec}
+    # --- derived quantities (written once; every layer asks the spec) ---------------------------
 
-JobSpec = TrainSpec  # widened to a union as kinds are added
+    def global_batch(self) -> int:
+        """Sequences per optimizer step over all workers: micro_batch_size x grad_accum x workers."""
+        return self.train.micro_batch_size * self.train.grad_accum * self.resources.workers
+
+    def tokens_per_step(self) -> int:
+        """Tokens per optimizer step over all workers: global_batch() x data.seq_len."""
+        return self.global_batch() * self.data.seq_len
+
+    def worker_bundle(self) -> dict[str, float]:
+        """One worker's Ray resource request (CPU, GPU, memory in bytes, custom resources)."""
+        return self.resources.bundle()

@@ -6,7 +6,10 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationError, model_validator
 
-from raybig.spec.models import NAME_RE, StorageSpec, Strict, TrainSpec, at
+from raybig.spec import paths
+from raybig.spec.base import NAME_RE, Name, QueuedSpec, Strict, at
+from raybig.spec.issues import first_error, first_error_parts
+from raybig.spec.models import StorageSpec, TrainSpec
 from raybig.spec.serve import ServeSpec
 from raybig.spec.sweep import SweepSpec
 
@@ -20,11 +23,11 @@ class PipelineTrainSpec(Strict):
                                "of continuing from the winner's weights.")
 
 
-class PipelineSpec(Strict):
+class PipelineSpec(QueuedSpec):
     """Sweep, then train the winner, then serve the trained export; finished stages are skipped."""
 
     kind: Literal["pipeline"] = "pipeline"
-    name: str = Field(..., pattern=NAME_RE, description="Pipeline name; its directory and the app name.")
+    name: Name = Field(..., pattern=NAME_RE, description="Pipeline name; its directory and the app name.")
     storage: StorageSpec = Field(default_factory=StorageSpec, description="Every stage writes under "
                                  "<storage>/<name>/.")
     sweep: SweepSpec = Field(..., description="The sweep stage (a sweep spec without `kind`).")
@@ -40,50 +43,41 @@ class PipelineSpec(Strict):
         try:
             self.serve_spec("/pending")
         except ValidationError as e:
-            err = e.errors(include_url=False)[0]
-            msg = err["msg"].removeprefix("Value error, ")
-            sub = ".".join(str(p) for p in err["loc"])
-            if msg.startswith("@"):
-                extra, _, msg = msg[1:].partition(": ")
-                sub = f"{sub}.{extra}" if sub else extra
-            raise at(f"serve.{sub}" if sub else "serve", msg) from None
-        base = self.sweep.base.model_dump(mode="json")
+            where, msg = first_error_parts(e)
+            raise at(f"serve.{where}" if where else "serve", msg) from None
+        base = self.sweep.base.model_dump()  # python mode: secret-sourced values keep their type
         for path, value in self.train.set.items():
             try:
                 TrainSpec.model_validate(apply_set(base, {path: value}))
-            except KeyError as e:
-                raise at(f"train.set.{path}", f"cannot apply to the train spec: {e.args[0]}") from None
+            except paths.PathError as e:
+                raise at(f"train.set.{path}", f"cannot apply to the train spec: {e}") from None
             except ValidationError as e:
-                err = e.errors(include_url=False)[0]
-                where = ".".join(str(p) for p in err["loc"])
-                msg = f"{where}: {err['msg'].removeprefix('Value error, ')}"
-                raise at(f"train.set.{path}", f"cannot apply to the train spec: {msg}") from None
+                raise at(f"train.set.{path}", f"cannot apply to the train spec: {first_error(e)}") from None
         return self
 
     def serve_spec(self, checkpoint: str) -> ServeSpec:
+        """The serve stage's spec for the export at `checkpoint` (named after the pipeline).
+
+        Raises pydantic.ValidationError if the `serve:` section does not make a valid serve spec.
+        """
         return ServeSpec.model_validate({"name": self.name, **self.serve, "checkpoint": checkpoint})
+
+    def train_stage_data(self, best: dict[str, Any], storage_path: str) -> dict[str, Any]:
+        """The train stage's spec data from the sweep winner's (python-mode) data `best`.
+
+        Applies `train.set`, names it `<name>-train` under `storage_path`, and drops init_from when
+        `train.from_scratch`. Raises PathError for a `set:` path with no section to hold it.
+        """
+        data = apply_set(best, self.train.set)
+        data.update(name=f"{self.name}-train", storage={"path": storage_path})
+        if self.train.from_scratch:
+            data.pop("init_from", None)
+        return data
 
 
 def apply_set(data: dict[str, Any], sets: dict[str, Any]) -> dict[str, Any]:
-    """Copy of `data` with dotted paths set; KeyError for a path whose parent does not exist."""
-    import copy
-
-    out = copy.deepcopy(data)
-    for path, value in sets.items():
-        node = out
-        parts = path.split(".")
-        for p in parts[:-1]:
-            if not isinstance(node.get(p), dict):
-                raise KeyError(f"no section {p!r} in the train spec")
-            node = node[p]
-        node[parts[-1]] = value
-    return out
-
-
-def _register() -> None:
-    from raybig.spec.models import KINDS
-
-    KINDS.setdefault("pipeline", PipelineSpec)
-
-
-_register()
+    """Copy of `data` with `{dotted path: value}` set; PathError where a section does not exist."""
+    try:
+        return paths.with_values(data, sets, create=False)
+    except paths.PathError as e:
+        raise paths.PathError(e.path, f"{e.message} in the train spec") from None

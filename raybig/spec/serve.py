@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from raybig.spec.models import NAME_RE, Strict, at, parse_bytes
+from raybig.spec.base import NAME_RE, Bytes, Name, Strict, at
 
 ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
@@ -17,14 +17,9 @@ class ReplicaResourcesSpec(Strict):
 
     num_cpus: float = Field(1.0, gt=0.0, le=1024, description="CPUs per replica (fractions allowed).")
     num_gpus: float = Field(0.0, ge=0.0, le=16, description="GPUs per replica.")
-    memory: int | None = Field(None, description="RAM per replica, e.g. '2GiB'.")
+    memory: Bytes | None = Field(None, description="RAM per replica in bytes, e.g. '2GiB'.")
     torch_threads: int | None = Field(None, ge=1, le=1024, description="torch intra-op threads per "
                                       "replica (default: max(1, num_cpus)).")
-
-    @field_validator("memory", mode="before")
-    @classmethod
-    def _mem(cls, v: object) -> int | None:
-        return None if v is None else parse_bytes(v)
 
 
 class AutoscalingSpec(Strict):
@@ -49,8 +44,8 @@ class AutoscalingSpec(Strict):
         return self
 
     def to_serve(self) -> dict:
-        d = self.model_dump(exclude_none=True)
-        return d
+        """Ray Serve's `autoscaling_config` dict (unset keys left out)."""
+        return self.model_dump(exclude_none=True)
 
 
 class BatchingSpec(Strict):
@@ -75,10 +70,12 @@ class BatchingSpec(Strict):
 
     @property
     def batch_size(self) -> int:
+        """Requests per forward pass: max_batch_size, or 1 with batching off."""
         return self.max_batch_size if self.enabled else 1
 
     @property
     def ongoing(self) -> int:
+        """Serve's max_ongoing_requests per replica (default: twice the batch, at least 4)."""
         if self.max_ongoing_requests is not None:
             return self.max_ongoing_requests
         return max(2 * self.batch_size, 4)
@@ -107,7 +104,7 @@ class ServeSpec(Strict):
     """Serve a trained checkpoint over an OpenAI-compatible HTTP API on Ray Serve."""
 
     kind: Literal["serve"] = "serve"
-    name: str = Field(..., pattern=NAME_RE, description="Serve application name; also the model id.")
+    name: Name = Field(..., pattern=NAME_RE, description="Serve application name; also the model id.")
     checkpoint: str = Field(..., min_length=1, description="A train run directory or its export/ directory "
                             "(any fsspec URI).")
     quantize: Literal["none", "int8"] = Field("none", description="int8 = dynamic int8 quantization of "
@@ -144,11 +141,3 @@ class ServeSpec(Strict):
             raise ValueError("memory:// is per-process; replicas cannot read it")
         return v
 
-
-def _register() -> None:
-    from raybig.spec.models import KINDS
-
-    KINDS.setdefault("serve", ServeSpec)
-
-
-_register()

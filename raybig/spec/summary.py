@@ -4,26 +4,32 @@ from __future__ import annotations
 
 from typing import Any
 
+from raybig.spec.job import JobSpec
+from raybig.spec.models import TrainSpec
+from raybig.spec.sweep import SweepSpec
 
-def validate_summary(spec: Any) -> dict[str, Any]:
+
+def validate_summary(spec: JobSpec) -> dict[str, Any]:
     """What `raybig validate` prints: kind, name, and for train specs the ZeRO memory estimate."""
-    summary: dict[str, Any] = {"kind": spec.kind, "name": getattr(spec, "name", ""), "lines": []}
-    if spec.kind == "train":
-        summary.update(train_memory_summary(spec))
-    elif spec.kind == "sweep":
-        from raybig.spec.sweep import summary_lines
+    summary: dict[str, Any] = {"kind": spec.kind, "name": spec.name, "lines": []}
+    match spec:
+        case TrainSpec():
+            summary.update(train_memory_summary(spec))
+        case SweepSpec():
+            from raybig.spec.sweep import summary_lines
 
-        summary["lines"] = summary_lines(spec)
+            summary["lines"] = summary_lines(spec)
     return summary
 
 
-def train_memory_summary(spec: Any) -> dict[str, Any]:
-    from raybig.train.memory import estimate, human
+def train_memory_summary(spec: TrainSpec) -> dict[str, Any]:
+    """The ZeRO memory estimate of a train spec: numbers (bytes) and printable lines."""
+    from raybig.spec.memory import EstimateUnavailable, estimate, human
 
     r, ds = spec.resources, spec.deepspeed
     try:
         est = estimate(spec)
-    except Exception as e:  # a plug-in that cannot build on the meta device
+    except EstimateUnavailable as e:  # a plug-in: its size is known only once built
         return {"lines": [f"memory estimate unavailable: {e}"]}
     lines = [
         f"model: {est.params:,} parameters; ZeRO-{est.stage}, {est.precision}, {r.workers} workers",

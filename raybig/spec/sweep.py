@@ -21,8 +21,11 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
 
-from raybig.spec.models import KINDS, NAME_RE, StorageSpec, Strict, TrainSpec, at
-from raybig.spec.yaml_io import Issue, SpecError
+from raybig.errors import Issue, SpecError
+from raybig.spec import paths, secrets
+from raybig.spec.base import NAME_RE, Name, QueuedSpec, Strict, at
+from raybig.spec.issues import did_you_mean, first_error
+from raybig.spec.models import StorageSpec, TrainSpec
 
 DIST_KINDS = ("uniform", "loguniform", "randint", "choice", "grid", "value")
 # Paths a sweep may not vary: they name the run, not a hyperparameter.
@@ -42,6 +45,11 @@ class Distribution(Strict):
     @model_validator(mode="before")
     @classmethod
     def _scalar(cls, v: Any) -> Any:
+        found = secrets.find_secret(v)
+        if found is not None:  # Tune writes sampled values into its own files, in clear
+            names = ", ".join(f"${{{n}}}" for n in found.names)
+            raise ValueError(f"a search value comes from {names} (a secret-looking variable); "
+                             "secrets cannot be searched")
         if not isinstance(v, dict):
             return {"value": v}
         return v
@@ -62,6 +70,7 @@ class Distribution(Strict):
 
     @property
     def kind(self) -> str:
+        """Which distribution this axis is (the one key given)."""
         return next(k for k in DIST_KINDS if getattr(self, k) is not None)
 
     def probe_values(self) -> list[Any]:
@@ -75,11 +84,11 @@ class Distribution(Strict):
         return [lo, hi]
 
 
-class SweepSpec(Strict):
+class SweepSpec(QueuedSpec):
     """A hyperparameter sweep: Ray Tune trials, each a multi-worker DeepSpeed train run."""
 
     kind: Literal["sweep"] = "sweep"
-    name: str = Field(..., pattern=NAME_RE, description="Sweep name; also its output directory's name.")
+    name: Name = Field(..., pattern=NAME_RE, description="Sweep name; also its output directory's name.")
     base: TrainSpec = Field(..., description="The train spec every trial starts from: an inline mapping, "
                             "or a path to a train spec file (relative to this file).")
     search: dict[str, Distribution] = Field(..., min_length=1, description="Dotted train-spec path -> "
@@ -106,8 +115,6 @@ class SweepSpec(Strict):
                                      "compare like with like).")
     trial_failures: int = Field(0, ge=0, le=100, description="Tune retries of a failed trial.")
     storage: StorageSpec = Field(default_factory=StorageSpec, description="Where the sweep's directory goes.")
-    priority: int = Field(0, ge=-1000, le=1000, description="Scheduler priority (higher runs first).")
-    max_retries: int = Field(0, ge=0, le=100, description="Scheduler retries of a failed sweep job.")
 
     @field_validator("base", mode="before")
     @classmethod
@@ -149,9 +156,12 @@ class SweepSpec(Strict):
     # --- derived -------------------------------------------------------------------------------
 
     def grid_size(self) -> int:
-        return math.prod(len(d.grid) for d in self.search.values() if d.kind == "grid")
+        """Points in the grid: the product of every grid axis's length (1 with none)."""
+        sizes: list[int] = [len(d.grid) for d in self.search.values() if d.grid is not None]
+        return math.prod(sizes)
 
     def total_trials(self) -> int:
+        """Trials the sweep runs (see num_samples)."""
         g = self.grid_size()
         if self.algorithm == "grid":
             return self.num_samples // g * g if self.num_samples else g
@@ -162,28 +172,15 @@ class SweepSpec(Strict):
         """max_t in the unit of time_attr."""
         if self.max_t is not None:
             return self.max_t
-        b = self.base
-        steps = b.train.steps
-        if self.time_attr == "steps":
-            return steps
-        return steps * b.train.micro_batch_size * b.train.grad_accum * b.resources.workers * b.data.seq_len
+        steps = self.base.train.steps
+        return steps if self.time_attr == "steps" else steps * self.base.tokens_per_step()
 
 
 # --- checks ------------------------------------------------------------------------------------
 
 
-def set_path(data: dict[str, Any], path: str, value: Any) -> None:
-    node = data
-    parts = path.split(".")
-    for p in parts[:-1]:
-        node = node.setdefault(p, {})
-    node[parts[-1]] = value
-
-
 def resolve_path(path: str) -> str | None:
     """None if `path` names a train spec field (or a key under a free-form mapping); else a message."""
-    from raybig.spec import _did_you_mean
-
     if path in FROZEN_PATHS:
         return f"{path!r} names the run, not a hyperparameter; it cannot be searched"
     cur: Any = TrainSpec
@@ -194,7 +191,7 @@ def resolve_path(path: str) -> str | None:
             break
         if part not in fields:
             where = ".".join(parts[:i])
-            hint = _did_you_mean(part, list(fields))
+            hint = did_you_mean(part, list(fields))
             return (f"{path!r} is not a train spec path: {where + '.' if where else ''}{part} does not "
                     f"exist{hint or ' (allowed: ' + ', '.join(fields) + ')'}")
         ann = fields[part].annotation
@@ -210,15 +207,19 @@ def resolve_path(path: str) -> str | None:
 
 
 def trial_data(spec: SweepSpec, params: dict[str, Any], name: str, storage_path: str) -> dict[str, Any]:
-    """The base spec's data with `params` applied by dotted path (and the fixed global batch kept)."""
-    data = spec.base.model_dump(mode="json")
-    for path, value in params.items():
-        set_path(data, path, value)
+    """A trial's train spec data: the base spec with `params` applied by dotted path.
+
+    The trial gets its own name and storage, and (fixed_global_batch) the grad_accum that keeps the
+    base's global batch.
+
+    Python-mode data: values from secret-looking variables stay `EnvSecret`s, so the trial's own
+    files still say `${VAR}`. Raises ValueError if the global batch cannot be kept.
+    """
+    data = paths.with_values(spec.base.model_dump(), params)
     data["name"] = name
     data["storage"] = {"path": storage_path}
     if spec.fixed_global_batch:
-        b = spec.base
-        glob = b.train.micro_batch_size * b.train.grad_accum * b.resources.workers
+        glob = spec.base.global_batch()
         per = data["train"]["micro_batch_size"] * data["resources"]["workers"]
         if per <= 0 or glob % per:
             raise ValueError(f"fixed_global_batch: global batch {glob} is not a multiple of micro_batch_size "
@@ -227,18 +228,25 @@ def trial_data(spec: SweepSpec, params: dict[str, Any], name: str, storage_path:
     return data
 
 
-def _first_error(e: ValidationError) -> str:
-    err = e.errors(include_url=False)[0]
-    msg = err["msg"].removeprefix("Value error, ")
-    loc = ".".join(str(p) for p in err["loc"])
-    if msg.startswith("@"):
-        sub, _, msg = msg[1:].partition(": ")
-        loc = f"{loc}.{sub}" if loc else sub
-    return f"{loc}: {msg}" if loc else msg
+def trial_spec(spec: SweepSpec, params: dict[str, Any], name: str, storage_path: str) -> TrainSpec:
+    """The validated train spec of one trial (see `trial_data`).
+
+    Raises:
+        ValueError: the sampled combination is not a valid train spec (message: the first error).
+    """
+    try:
+        return TrainSpec.model_validate(trial_data(spec, params, name, storage_path))
+    except ValidationError as e:  # e.g. a sampled combination the single-value checks could not see
+        raise ValueError(f"trial spec is invalid: {first_error(e)}") from None
 
 
-def check_search(spec: SweepSpec) -> list[tuple[str, tuple[str, ...], str]]:
-    out: list[tuple[str, tuple[str, ...], str]] = []
+def check_search(spec: SweepSpec) -> list[tuple[str, tuple[str | int, ...], str]]:
+    """(search key, sub path, message) for every search axis that cannot work.
+
+    Checks the path exists, the distribution suits the algorithm, and every listed value (or range
+    bound) passes the train spec's own validation.
+    """
+    out: list[tuple[str, tuple[str | int, ...], str]] = []
     for key, dist in spec.search.items():
         problem = resolve_path(key)
         if problem:
@@ -261,14 +269,15 @@ def check_search(spec: SweepSpec) -> list[tuple[str, tuple[str, ...], str]]:
             try:
                 TrainSpec.model_validate(trial_data(spec, {key: value}, "probe", spec.storage.path))
             except (ValidationError, ValueError) as e:
-                why = _first_error(e) if isinstance(e, ValidationError) else str(e)
-                sub = (dist.kind, i) if dist.kind not in ("value",) else ()
+                why = first_error(e) if isinstance(e, ValidationError) else str(e)
+                sub: tuple[str | int, ...] = (dist.kind, i) if dist.kind != "value" else ()
                 out.append((key, sub, f"value {value!r} fails the train spec's validation: {why}"))
                 break
     return out
 
 
 def check_budget(spec: SweepSpec) -> list[tuple[str, str]]:
+    """(field, message) for trial counts and ASHA settings that contradict each other."""
     out = []
     g = spec.grid_size()
     if spec.num_samples is not None and g > spec.num_samples:
@@ -280,9 +289,6 @@ def check_budget(spec: SweepSpec) -> list[tuple[str, str]]:
         out.append(("grace_period", f"grace_period={spec.grace_period} exceeds max_t={spec.horizon()} "
                     f"({spec.time_attr})"))
     return out
-
-
-KINDS["sweep"] = SweepSpec
 
 
 def summary_lines(spec: SweepSpec) -> list[str]:

@@ -14,25 +14,26 @@ from typing import Any
 
 import yaml
 
-from raybig.errors import Issue, Path, SpecError, dotted_path  # noqa: F401  (re-exported)
+from raybig.errors import Issue, Path, SpecError, dotted_path, first_line  # noqa: F401  (re-exported)
+from raybig.spec import paths
+from raybig.spec.secrets import SECRET_NAME_RE, EnvSecret, is_secret_name, redact  # noqa: F401  (re-exported)
 
 MAX_NODES = 100_000
 MAX_DEPTH = 64
 MAX_SPEC_CHARS = 1_000_000  # specs are a few KB; this bounds a /dev/zero or /proc "spec" (and a sweep's base)
 _ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
-# Env vars whose values must never be written back into a frozen spec.
-SECRET_NAME_RE = re.compile(r"(TOKEN|SECRET|PASSWORD|PASSWD|API_KEY|ACCESS_KEY|PRIVATE)", re.IGNORECASE)
 
 
 @dataclass
 class Loaded:
-    """Raw YAML data plus the line of every path and where secrets came from."""
+    """Raw YAML data plus the line of every path.
+
+    Values interpolated from secret-looking variables are `EnvSecret`s inside `data`.
+    """
 
     data: Any
     lines: dict[Path, int] = field(default_factory=dict)
     source: str = "<spec>"
-    # path -> "${NAME}" for values interpolated from secret-looking env vars
-    secret_paths: dict[Path, str] = field(default_factory=dict)
     # The values of those env vars, so error messages can be scrubbed of them (see redact()).
     secret_values: set[str] = field(default_factory=set)
 
@@ -47,12 +48,13 @@ class Loaded:
 
 
 class _Walker:
-    def __init__(self, source: str, env: dict[str, str], interpolate: bool = True):
+    def __init__(self, source: str, env: dict[str, str], interpolate: bool = True,
+                 resolve_secrets: bool = True):
         self.source = source
         self.env = env
         self.interpolate = interpolate
+        self.resolve_secrets = resolve_secrets
         self.lines: dict[Path, int] = {}
-        self.secret_paths: dict[Path, str] = {}
         self.secret_values: set[str] = set()
         self.issues: list[Issue] = []
         self.count = 0
@@ -100,7 +102,7 @@ class _Walker:
             # PyYAML lets its constructors' own errors through: int() on an integer of more than
             # 4300 digits (Python's int-string limit), AttributeError on `!!timestamp 99`, ...
             # A hostile spec must get a SpecError, not a traceback.
-            raise SpecError([Issue(path, f"cannot read this value: {_first_line(e)}",
+            raise SpecError([Issue(path, f"cannot read this value: {first_line(e)[:200]}",
                                    node.start_mark.line + 1, self.source)]) from None
 
     def _interpolate(self, value: str, path: Path, line: int) -> Any:
@@ -108,8 +110,10 @@ class _Walker:
 
         def sub(m: re.Match[str]) -> str:
             name, default = m.group(1), m.group(2)
+            if not self.resolve_secrets and is_secret_name(name):
+                return m.group(0)  # a frozen file re-read for its shape: the reference stays text
             if name in self.env:
-                if SECRET_NAME_RE.search(name):
+                if is_secret_name(name):
                     secret_names.append(name)
                     self.secret_values.add(self.env[name])
                 return self.env[name]
@@ -121,9 +125,10 @@ class _Walker:
 
         out = _ENV_RE.sub(sub, value)
         if secret_names:
-            self.secret_paths[path] = value
+            # The value remembers where it came from; every JSON dump writes `value` (the template).
+            return EnvSecret(out, tuple(dict.fromkeys(secret_names)), value)
         # A whole-value substitution is re-read as YAML so "${STEPS}" can be an int.
-        if _ENV_RE.fullmatch(value) and not secret_names:
+        if _ENV_RE.fullmatch(value):
             try:
                 parsed = yaml.safe_load(out) if out.strip() else out
             except Exception:  # noqa: BLE001 - PyYAML's constructors raise more than YAMLError
@@ -134,12 +139,20 @@ class _Walker:
         return out
 
 
-def _first_line(e: BaseException) -> str:
-    return (str(e).splitlines() or [type(e).__name__])[0][:200]
+def load_yaml_text(text: str, source: str = "<spec>", env: dict[str, str] | None = None,
+                   resolve_secrets: bool = True) -> Loaded:
+    """Parse YAML text into plain data with a line map, `${VAR}`s interpolated from `env`.
 
+    Args:
+        text: the YAML document (at most MAX_SPEC_CHARS characters).
+        source: the file name shown in issues.
+        env: the variables `${VAR}` reads (default: os.environ).
+        resolve_secrets: False keeps secret-looking `${VAR}` references as their text (for
+            re-reading frozen files whose secret values are not needed, e.g. a report).
 
-def load_yaml_text(text: str, source: str = "<spec>", env: dict[str, str] | None = None) -> Loaded:
-    """Parse YAML text into plain data with a line map. Raises SpecError."""
+    Raises:
+        SpecError: broken YAML, alias bombs, too deep, duplicate keys, unset variables.
+    """
     env = dict(os.environ) if env is None else env
     if len(text) > MAX_SPEC_CHARS:
         raise SpecError([Issue((), f"larger than {MAX_SPEC_CHARS} characters; is this a spec file?", None,
@@ -155,7 +168,7 @@ def load_yaml_text(text: str, source: str = "<spec>", env: dict[str, str] | None
         raise SpecError([Issue((), f"broken YAML: {problem}", line, source)]) from None
     if node is None:
         raise SpecError([Issue((), "the spec is empty", 1, source)])
-    walker = _Walker(source, env)
+    walker = _Walker(source, env, resolve_secrets=resolve_secrets)
     try:
         data = walker.walk(node, ())
     except RecursionError:
@@ -167,23 +180,11 @@ def load_yaml_text(text: str, source: str = "<spec>", env: dict[str, str] | None
     if not isinstance(data, dict):
         raise SpecError([Issue((), f"the spec must be a mapping of keys, got {type(data).__name__}",
                                1, source)])
-    return Loaded(data, walker.lines, source, walker.secret_paths, walker.secret_values)
+    return Loaded(data, walker.lines, source, walker.secret_values)
 
 
-def redact(message: str, secrets: set[str]) -> str:
-    """`message` with every secret value, and every prefix of one that an error message could have
-    cut it to (8 characters or more), replaced by '***'."""
-    for secret in sorted(secrets, key=len, reverse=True):
-        if len(secret) < 4:
-            continue  # too short to find without mangling ordinary words
-        for k in range(len(secret), min(8, len(secret)) - 1, -1):
-            if secret[:k] in message:  # longest first; a message may hold it cut to several lengths
-                message = message.replace(secret[:k], "***")
-    return message
-
-
-def load_yaml_file(path: str, env: dict[str, str] | None = None) -> Loaded:
-    """Read a spec file (local path or fsspec URI)."""
+def load_yaml_file(path: str, env: dict[str, str] | None = None, resolve_secrets: bool = True) -> Loaded:
+    """Read a spec file (local path or fsspec URI); see `load_yaml_text`. Raises SpecError."""
     import fsspec
 
     try:
@@ -197,62 +198,47 @@ def load_yaml_file(path: str, env: dict[str, str] | None = None) -> Loaded:
         raise SpecError([Issue((), "not UTF-8 text", None, path)]) from None
     except OSError as e:
         raise SpecError([Issue((), f"cannot read: {e.strerror or e}", None, path)]) from None
-    return load_yaml_text(text, source=path, env=env)
+    return load_yaml_text(text, source=path, env=env, resolve_secrets=resolve_secrets)
 
 
 def parse_override(item: str) -> tuple[Path, Any]:
-    """`a.b.c=value` -> (("a","b","c"), parsed value). The value is read as YAML."""
+    """`a.b.c=value` -> (("a","b","c"), parsed value). The value is read as YAML, never interpolated.
+
+    Raises SpecError for an item without `=`, an empty segment or too deep a path.
+    """
     if "=" not in item:
         raise SpecError([Issue((), f"--set {item!r}: expected path.to.key=value", None, "--set")])
     key, _, raw = item.partition("=")
-    parts: list[str | int] = []
-    if key.count(".") >= MAX_DEPTH:
-        raise SpecError([Issue((), f"--set {item[:80]!r}: nested deeper than {MAX_DEPTH} levels", None,
-                               "--set")])
-    for p in key.strip().split("."):
-        if not p:
-            raise SpecError([Issue((), f"--set {item!r}: empty key segment", None, "--set")])
-        # ASCII digits only: str.isdigit() is also true for '²', which int() refuses.
-        parts.append(int(p) if p.isascii() and p.isdigit() and len(p) < 10 else p)
+    try:
+        path = paths.parse_path(key)
+    except paths.PathError as e:
+        raise SpecError([Issue((), f"--set {item[:80]!r}: {e}", None, "--set")]) from None
     if not raw.strip():
-        return tuple(parts), ""
+        return path, ""
     try:
         node = yaml.compose(raw, Loader=yaml.SafeLoader)
     except (yaml.YAMLError, RecursionError):
-        return tuple(parts), raw  # not YAML: keep it as a string
+        return path, raw  # not YAML: keep it as a string
     # The same depth and alias budgets as the spec text, and no ${VAR} expansion.
     walker = _Walker("--set", {}, interpolate=False)
     try:
-        value = None if node is None else walker.walk(node, tuple(parts))
+        value = None if node is None else walker.walk(node, path)
     except yaml.YAMLError:  # e.g. an unknown tag such as !!python/name:...: keep it as a string
-        return tuple(parts), raw
+        return path, raw
     if walker.issues:
         raise SpecError(walker.issues)
-    return tuple(parts), value
+    return path, value
 
 
 def apply_overrides(loaded: Loaded, overrides: list[str]) -> None:
-    """Apply `--set` items in place; lines of overridden paths point at `--set`."""
+    """Apply `--set` items to `loaded.data` in place; lines of overridden paths point at `--set`.
+
+    Raises SpecError for an item that cannot be applied (e.g. a key set on a number).
+    """
     for item in overrides:
         path, value = parse_override(item)
-        node: Any = loaded.data
-        for i, part in enumerate(path[:-1]):
-            if isinstance(node, dict):
-                nxt = node.get(part)
-                if nxt is None:
-                    nxt = node[part] = {}
-                node = nxt
-            elif isinstance(node, list) and isinstance(part, int) and part < len(node):
-                node = node[part]
-            else:
-                raise SpecError([Issue(path[: i + 1], f"--set {item!r}: cannot descend into "
-                                       f"{type(node).__name__}", None, "--set")])
-        if isinstance(node, list) and isinstance(path[-1], int) and path[-1] < len(node):
-            node[path[-1]] = value
-        elif isinstance(node, dict):
-            node[path[-1]] = value
-        else:
-            raise SpecError([Issue(path, f"--set {item!r}: cannot set a key on "
-                                   f"{type(node).__name__}", None, "--set")])
-        loaded.lines[path] = 0  # 0 marks "from --set"
-        loaded.secret_paths.pop(path, None)
+        try:
+            applied = paths.set_path(loaded.data, path, value)
+        except paths.PathError as e:
+            raise SpecError([Issue(e.path or path[:1], f"--set {item!r}: {e}", None, "--set")]) from None
+        loaded.lines[applied] = 0  # 0 marks "from --set"

@@ -19,7 +19,9 @@ STATE_ORDER = {"finished": 0, "stopped early": 1, "running": 2, "interrupted": 2
 def load_sweep(sweep_dir: str) -> Any:
     from raybig.spec import load_spec_text
 
-    return load_spec_text(storage.read_text(f"{sweep_dir}/sweep.yaml"), source=f"{sweep_dir}/sweep.yaml")
+    # A report needs no secret: `${VAR}`s from secret-looking variables stay text (and need not be set).
+    return load_spec_text(storage.read_text(f"{sweep_dir}/sweep.yaml"), source=f"{sweep_dir}/sweep.yaml",
+                          resolve_secrets=False)
 
 
 def collect(sweep_dir: str, final: bool = False) -> list[dict[str, Any]]:
@@ -105,12 +107,13 @@ def winner(records: list[dict[str, Any]]) -> dict[str, Any] | None:
 
 def best_spec_text(sweep_dir: str, spec: Any, best: dict[str, Any]) -> str:
     """The winner as a complete train spec: its own name, the sweep's storage, init_from its export."""
-    import yaml
-
     from raybig.spec import freeze
     from raybig.spec.models import TrainSpec
+    from raybig.spec.yaml_io import load_yaml_text
 
-    data = yaml.safe_load(storage.read_text(f"{best['run_dir']}/spec.yaml"))
+    # Secret-looking `${VAR}`s in the trial's frozen spec stay `${VAR}` text in best.yaml.
+    uri = f"{best['run_dir']}/spec.yaml"
+    data = load_yaml_text(storage.read_text(uri), source=uri, resolve_secrets=False).data
     data["name"] = f"{spec.name}-best"
     data["storage"] = {"path": spec.storage.path}
     # Weights only: `raybig run best.yaml` trains the winner further with a fresh optimizer and schedule.

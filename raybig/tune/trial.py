@@ -19,7 +19,9 @@ from typing import Any
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from raybig import storage
+from raybig.errors import first_line
 from raybig.spec.models import TrainSpec
+from raybig.train.result import dedupe_steps
 
 TRIALS_DIR = "trials"
 CURVE = "curve.jsonl"
@@ -44,12 +46,7 @@ def read_curve(trial_dir: str) -> list[dict[str, Any]]:
         text = storage.read_text(f"{trial_dir}/{CURVE}")
     except (FileNotFoundError, OSError):
         return []
-    by_step: dict[int, dict[str, Any]] = {}
-    for line in text.splitlines():
-        if line.strip():
-            r = json.loads(line)
-            by_step.setdefault(int(r["step"]), {}).update(r)
-    return [by_step[s] for s in sorted(by_step)]
+    return dedupe_steps(json.loads(line) for line in text.splitlines() if line.strip())
 
 
 class SweepReportCallback(TuneReportCallback):
@@ -106,9 +103,8 @@ class SweepReportCallback(TuneReportCallback):
 def run_trial(config: dict[str, Any], sweep: Any, sweep_dir: str, python_path: list[str]) -> None:
     """The Tune trainable. `config` holds the sampled values, keyed by dotted train spec path."""
     import ray.tune
-    from pydantic import ValidationError
 
-    from raybig.spec.sweep import trial_data
+    from raybig.spec.sweep import trial_spec
     from raybig.train.runner import build_trainer, write_run_record
 
     trial_id = ray.tune.get_context().get_trial_id()
@@ -121,18 +117,9 @@ def run_trial(config: dict[str, Any], sweep: Any, sweep_dir: str, python_path: l
                  "starts": int(info.get("starts", 0)) + 1, "error": None})
     storage.write_text(info_uri, json.dumps(info, indent=2))
     try:
-        try:
-            spec = TrainSpec.model_validate(trial_data(sweep, dict(config), name, root))
-        except ValidationError as e:  # e.g. a sampled combination the single-value checks could not see
-            from raybig.spec.sweep import _first_error
-
-            raise ValueError(f"trial spec is invalid: {_first_error(e)}") from None
-        spec = _align_eval(spec, sweep)
+        spec = _align_eval(trial_spec(sweep, dict(config), name, root), sweep)
         write_run_record(spec, tdir)
-        t = spec.train
-        cb = SweepReportCallback(tdir, sweep.metric,
-                                 t.micro_batch_size * t.grad_accum * spec.data.seq_len * spec.resources.workers,
-                                 last_step=t.steps)
+        cb = SweepReportCallback(tdir, sweep.metric, spec.tokens_per_step(), last_step=spec.train.steps)
         build_trainer(spec, callbacks=[cb], name=name, storage_path=root, python_path=python_path).fit()
     except BaseException as e:
         info.update(state="failed", error=one_line(e))
@@ -151,8 +138,7 @@ def one_line(e: BaseException) -> str:
 
     text = str(e).strip()
     causes = re.findall(r"^\s*([A-Za-z_.]*(?:Error|Exception): .+)$", text, re.MULTILINE)
-    line = causes[-1].strip() if causes else (text.splitlines()[0] if text else "")
-    return f"{type(e).__name__}: {line[:300]}" if line else type(e).__name__
+    return f"{type(e).__name__}: {causes[-1].strip()[:300]}" if causes else first_line(e)[:300]
 
 
 def _align_eval(spec: TrainSpec, sweep: Any) -> TrainSpec:
@@ -164,6 +150,6 @@ def _align_eval(spec: TrainSpec, sweep: Any) -> TrainSpec:
     every = math.gcd(spec.train.eval_every, sweep.grace_period)
     if every == spec.train.eval_every:
         return spec
-    data = spec.model_dump(mode="json")
-    data["train"]["eval_every"] = every
-    return TrainSpec.model_validate(data)
+    from raybig.spec.paths import edit
+
+    return edit(spec, {"train.eval_every": every})  # keeps secret-sourced values' origin

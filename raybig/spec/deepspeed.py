@@ -1,0 +1,123 @@
+"""Spec -> DeepSpeed config. Pure functions (no torch): the worker passes what it found (`on_cuda`)."""
+
+from __future__ import annotations
+
+import copy
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from raybig.spec.models import TrainSpec
+
+
+def resolve_precision(spec: TrainSpec, on_cuda: bool | None = None) -> str:
+    """The precision to train in: 'auto' is bf16 on CUDA and fp32 on CPU.
+
+    Args:
+        spec: the train spec.
+        on_cuda: whether the worker runs on a CUDA device (the worker probes torch and passes it);
+            None assumes CUDA exactly when the spec asks for GPUs.
+    """
+    if spec.deepspeed.precision != "auto":
+        return spec.deepspeed.precision
+    on_cuda = spec.resources.gpus_per_worker > 0 if on_cuda is None else on_cuda
+    return "bf16" if on_cuda else "fp32"
+
+
+def _generated(spec: TrainSpec, on_cuda: bool | None) -> dict[str, Any]:
+    t, ds = spec.train, spec.deepspeed
+    precision = resolve_precision(spec, on_cuda)
+    offload_opt = ds.offload_optimizer != "none"
+    zero: dict[str, Any] = {"stage": ds.zero_stage}
+    if ds.zero_stage > 0:
+        zero.update(overlap_comm=False, contiguous_gradients=True, reduce_bucket_size=5e7)
+    if offload_opt:
+        zero["offload_optimizer"] = {"device": ds.offload_optimizer, "pin_memory": bool(on_cuda)}
+    if ds.offload_param != "none":
+        zero["offload_param"] = {"device": ds.offload_param, "pin_memory": bool(on_cuda)}
+    if ds.zero_stage == 3:
+        # Needed to export consolidated weights at the end of training.
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    opt_params: dict[str, Any] = {"lr": t.lr, "betas": list(t.betas), "eps": 1e-8,
+                                  "weight_decay": t.weight_decay}
+    if not offload_opt:
+        opt_params["torch_adam"] = True  # no JIT-built fused_adam; offload needs cpu_adam instead
+    return {
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": t.grad_accum,
+        "gradient_clipping": t.grad_clip,
+        "optimizer": {"type": "AdamW", "params": opt_params},
+        "scheduler": {"type": "WarmupCosineLR", "params": {
+            "total_num_steps": t.steps,
+            "warmup_num_steps": t.warmup,
+            "warmup_type": "linear",
+            "warmup_min_ratio": 0.0,
+            "cos_min_ratio": t.min_lr_ratio,
+        }},
+        "zero_optimization": zero,
+        "bf16": {"enabled": precision == "bf16"},
+        "fp16": {"enabled": precision == "fp16"},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+        "zero_allow_untested_optimizer": True,
+    }
+
+
+# Generated keys that belong to a spec field: `deepspeed.extra` may not contradict them.
+OWNED: dict[tuple[str, ...], str] = {
+    ("train_micro_batch_size_per_gpu",): "train.micro_batch_size",
+    ("gradient_accumulation_steps",): "train.grad_accum",
+    ("train_batch_size",): "train.micro_batch_size × train.grad_accum × resources.workers",
+    ("gradient_clipping",): "train.grad_clip",
+    ("zero_optimization", "stage"): "deepspeed.zero_stage",
+    ("zero_optimization", "offload_optimizer"): "deepspeed.offload_optimizer",
+    ("zero_optimization", "offload_param"): "deepspeed.offload_param",
+    ("optimizer", "params", "lr"): "train.lr",
+    ("optimizer", "params", "weight_decay"): "train.weight_decay",
+    ("optimizer", "params", "betas"): "train.betas",
+    ("scheduler", "params", "total_num_steps"): "train.steps",
+    ("scheduler", "params", "warmup_num_steps"): "train.warmup_steps",
+    ("bf16", "enabled"): "deepspeed.precision",
+    ("fp16", "enabled"): "deepspeed.precision",
+}
+
+
+def _get(d: dict[str, Any], path: tuple[str, ...]) -> Any:
+    for p in path:
+        if not isinstance(d, dict) or p not in d:
+            return _MISSING
+        d = d[p]
+    return d
+
+
+_MISSING = object()
+
+
+def check_extra(spec: TrainSpec) -> list[tuple[str, str]]:
+    """(sub path under deepspeed.extra, message) for every extra key that contradicts the spec."""
+    extra = spec.deepspeed.extra
+    if not extra:
+        return []
+    gen = _generated(spec, None)
+    gen["train_batch_size"] = spec.global_batch()
+    out = []
+    for path, owner in OWNED.items():
+        want, have = _get(extra, path), _get(gen, path)
+        if want is _MISSING:
+            continue
+        if have is _MISSING or want != have:
+            out.append((".".join(path), f"sets {want!r}, which contradicts {owner} "
+                        f"(generated {have if have is not _MISSING else 'nothing'}); set {owner} instead"))
+    return out
+
+
+def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """A copy of `base` with `over` merged in, mappings recursively."""
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def build_ds_config(spec: TrainSpec, on_cuda: bool | None = None) -> dict[str, Any]:
+    """The DeepSpeed config for this spec; `deepspeed.extra` merged on top."""
+    return deep_merge(_generated(spec, on_cuda), spec.deepspeed.extra)
