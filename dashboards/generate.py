@@ -179,11 +179,9 @@ def cluster() -> dict[str, Any]:
                                    "p95 {{priority}}")], "s"),
         panel("Admissions", [(f"sum by (priority) (increase(ray_raybig_scheduler_admissions_total{{{p}}}[{RI}]))",
                               "priority {{priority}}")], "none"),
-        panel("Retries and preemptions", [
+        panel("Retries", [
             (f"sum by (priority, reason) (increase(ray_raybig_scheduler_retries_total{{{p}}}[{RI}]))",
-             "retries {{priority}} {{reason}}"),
-            (f"sum by (priority) (increase(ray_raybig_scheduler_preemptions_total{{{p}}}[{RI}]))",
-             "preemptions {{priority}}")], "none"),
+             "retries {{priority}} {{reason}}")], "none"),
         panel("Alive nodes", [("max(ray_cluster_active_nodes)", "nodes")], "none"),
         panel("CPU utilisation by node", [("avg by (instance) (ray_node_cpu_utilization)", "{{instance}}")],
               "percent"),

@@ -4,9 +4,9 @@
    trusted just because the client validated it.
 2. Waits for admission from the scheduler actor, heartbeating; reports its state as log lines
    (`[raybig] state {...}`) that `raybig status` reads back through the Jobs API.
-3. Runs the spec in this process (train: `run_train` with a metrics hook so status shows progress;
-   other kinds: `raybig.runners.run_spec`). On failure it backs off and goes back into the queue,
-   up to `max_retries` times; a retried train run resumes from its latest checkpoint because it
+3. Runs the spec in this process through `raybig.runners.run_spec` (train with a metrics hook, so
+   status shows progress; the result is the same `TrainResult` as `raybig run --json`). On failure
+   it backs off and goes back into the queue, up to `max_retries` times; a retried train run resumes from its latest checkpoint because it
    reuses the same (storage, name).
 Exit codes: 0 done, 1 failed after retries, 2 invalid spec.
 """
@@ -14,15 +14,21 @@ Exit codes: 0 done, 1 failed after retries, 2 invalid spec.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import signal
 import sys
 import threading
 import time
+from collections.abc import Callable, Iterator
 from typing import Any
 
-from raybig.scheduler.meta import METRICS_PREFIX, demand_of, state_line
+from raybig.errors import first_line
+from raybig.scheduler.meta import METRICS_PREFIX, Phase, demand_of, priority_of, state_line
+from raybig.scheduler.policy import JobState
+from raybig.spec.base import QueuedSpec
+from raybig.train.progress import RunHooks
 
 HEARTBEAT_S = float(os.environ.get("RAYBIG_HEARTBEAT_S", "0.5"))
 BACKOFF_S = float(os.environ.get("RAYBIG_RETRY_BACKOFF_S", "2"))
@@ -31,14 +37,21 @@ BACKOFF_S = float(os.environ.get("RAYBIG_RETRY_BACKOFF_S", "2"))
 OFF = os.environ.get("RAYBIG_SCHEDULER", "on") == "off"
 
 
-def say(state: str, **fields: Any) -> None:
+def say(state: JobState, **fields: Any) -> None:
+    """Print one state line (read back by `raybig status` through the Jobs API's logs)."""
     print(state_line(state, t=round(time.time(), 3), **fields), flush=True)
 
 
 class Holder:
+    """One submitted job's side of the scheduler protocol: heartbeats, admission, release.
+
+    Args:
+        job_id: the Ray submission id.
+        job: the queue record sent with each heartbeat (priority, submitted_at, demand, user).
+    """
     def __init__(self, job_id: str, job: dict[str, Any]):
         self.job_id, self.job = job_id, job
-        self.phase = "waiting"
+        self.phase = Phase.WAITING
         self._handle: Any = None
         self._stop = threading.Event()
 
@@ -50,6 +63,7 @@ class Holder:
         return self._handle
 
     def beat(self) -> dict[str, Any] | None:
+        """One heartbeat with the current `Phase`; the actor's answer, or None if it is unreachable."""
         import ray
 
         if OFF:
@@ -62,18 +76,19 @@ class Holder:
             return None
 
     def wait_admitted(self) -> None:
-        self.phase = "waiting"
+        """Heartbeat until admitted, printing a QUEUED line whenever the position or reason changes."""
+        self.phase = Phase.WAITING
         last = None
         while True:
             r = self.beat()
             if r and r["admitted"]:
-                self.phase = "running"
+                self.phase = Phase.RUNNING
                 self.beat()
                 return
             if r:
                 cur = (r.get("position"), r.get("reason"))
                 if cur != last:
-                    say("QUEUED", position=r.get("position"), reason=r.get("reason"))
+                    say(JobState.QUEUED, position=r.get("position"), reason=r.get("reason"))
                     last = cur
             time.sleep(HEARTBEAT_S)
 
@@ -89,6 +104,7 @@ class Holder:
         threading.Thread(target=loop, daemon=True).start()
 
     def release(self) -> None:
+        """Stop heartbeating and tell the scheduler this job no longer holds its gang."""
         import ray
 
         self._stop.set()
@@ -100,22 +116,28 @@ class Holder:
             pass
 
 
-def _run(spec: Any) -> dict[str, Any] | None:
-    cwd = os.getcwd()  # the runtime_env working_dir (user plug-ins), if one was shipped
-    if spec.kind == "train":
-        from raybig.train.runner import run_train
+class _EmitMetrics(RunHooks):
+    """Prints each train metrics record as a log line (`raybig status` shows the latest)."""
 
+    @contextlib.contextmanager
+    def train(self, spec: Any) -> Iterator[Callable[[dict[str, Any]], None]]:
         def emit(m: dict[str, Any]) -> None:
             print(METRICS_PREFIX + json.dumps(m, default=str), flush=True)
 
-        res = run_train(spec, on_metrics=emit, python_path=[cwd])
-        return res.to_json()
-    from raybig.runners import run_spec
+        yield emit
 
-    return run_spec(spec, as_json=True, python_path=[cwd])
+
+def _run(spec: Any) -> dict[str, Any]:
+    from raybig.runners import run_spec
+    from raybig.train.result import TrainResult
+
+    cwd = os.getcwd()  # the runtime_env working_dir (user plug-ins), if one was shipped
+    result = run_spec(spec, python_path=[cwd], hooks=_EmitMetrics())
+    return result.to_json() if isinstance(result, TrainResult) else result
 
 
 def main() -> int:
+    """Validate the job's frozen spec, wait for admission, run it with retries; the process exit code."""
     from raybig.spec import SpecError, load_spec_text, spec_hash
 
     job_id = os.environ.get("RAYBIG_JOB_ID", "local")  # set by `raybig submit` (the submission id)
@@ -126,51 +148,51 @@ def main() -> int:
     except SpecError as e:
         for i in e.issues:
             print(f"[raybig] invalid spec: {i.render()}", flush=True)
-        say("FAILED", error="invalid spec on the cluster")
+        say(JobState.FAILED, error="invalid spec on the cluster")
         return 2
     want = os.environ.get("RAYBIG_SPEC_HASH")
     if want and spec_hash(spec) != want:
-        say("FAILED", error=f"spec hash mismatch ({spec_hash(spec)} != {want})")
+        say(JobState.FAILED, error=f"spec hash mismatch ({spec_hash(spec)} != {want})")
         return 2
     import ray
 
     ray.init(log_to_driver=True, namespace="raybig-jobs")
     md = json.loads(os.environ.get("RAYBIG_JOB_META", "{}"))
-    job = {"priority": int(getattr(spec, "priority", 0)), "submitted_at": float(md.get("submitted_at", time.time())),
+    job = {"priority": priority_of(spec), "submitted_at": float(md.get("submitted_at", time.time())),
            "demand": demand_of(spec).to_json(), "user": md.get("user", "")}
     holder = Holder(job_id, job)
     # `ray job stop` sends SIGTERM: unwind so the scheduler is told at once (Ray frees the workers).
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
-    retries = int(getattr(spec, "max_retries", 0))
+    retries = spec.max_retries if isinstance(spec, QueuedSpec) else 0
     last_err = ""
     for attempt in range(retries + 1):
         try:
             holder.wait_admitted()
             os.environ["RAYBIG_ATTEMPT"] = str(attempt + 1)
-            say("RUNNING", attempt=attempt + 1, of=retries + 1)
+            say(JobState.RUNNING, attempt=attempt + 1, of=retries + 1)
             holder.keep_alive()
             result = _run(spec)
             holder.release()
-            say("SUCCEEDED", attempt=attempt + 1, result=result)
+            say(JobState.SUCCEEDED, attempt=attempt + 1, result=result)
             return 0
         except KeyboardInterrupt:
             holder.release()
-            say("STOPPED")
+            say(JobState.STOPPED)
             return 130
         except Exception as e:  # noqa: BLE001 - any failure of the run counts as an attempt
-            last_err = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"[:500]
+            last_err = first_line(e)[:500]
             # Backoff: the job keeps its place in the table but asks for nothing (frees its gang).
-            holder.phase = "backoff"
+            holder.phase = Phase.BACKOFF
             holder.beat()
             if attempt < retries:
                 delay = BACKOFF_S * (2 ** attempt)
-                say("RETRYING", attempt=attempt + 1, of=retries + 1, error=last_err, backoff_s=delay)
+                say(JobState.RETRYING, attempt=attempt + 1, of=retries + 1, error=last_err, backoff_s=delay)
                 from raybig.metrics import scheduler_retry
 
                 scheduler_retry(job["priority"], type(e).__name__)  # Prometheus; reason = exception class
                 time.sleep(delay)
     holder.release()
-    say("FAILED", attempts=retries + 1, error=last_err)
+    say(JobState.FAILED, attempts=retries + 1, error=last_err)
     print(f"[raybig] failed after {retries + 1} attempt(s): {last_err}", flush=True)
     return 1
 

@@ -16,7 +16,7 @@ Tags (bounded cardinality; never a step, a request id or a prompt):
   rank      the Train worker's world rank (peak memory only).
   sweep     the sweep's name; state: a trial state; metric: the metric a sweep optimises.
   model / status    serving: the model name, and "ok" | "client_error" | "server_error".
-  priority  the scheduler's queue priority; reason: why a job was retried/preempted.
+  priority  the scheduler's queue priority; reason: why a job was retried.
 Serve replicas get `deployment`, `replica`, `application` and `route` added by `ray.serve.metrics`.
 
 Ray stops exporting a gauge roughly 20-30 s after its last `set` (counters and histograms stay), so
@@ -56,6 +56,7 @@ BATCH_BUCKETS = [1, 2, 4, 8, 16, 32, 64, 128]
 
 @dataclass(frozen=True)
 class MetricDef:
+    """One metric raybig declares: its Ray name, kind, description, tag keys and histogram boundaries."""
     name: str  # as given to Ray; exported as ray_<name>[_total]
     kind: str  # counter | gauge | histogram
     description: str
@@ -113,8 +114,6 @@ METRICS: dict[str, MetricDef] = {m.name: m for m in [
               ("priority",), tuple(WAIT_BUCKETS_S)),
     MetricDef("raybig_scheduler_admissions", "counter", "Jobs admitted to the cluster.", ("priority",)),
     MetricDef("raybig_scheduler_retries", "counter", "Job retries after a failure.", ("priority", "reason")),
-    MetricDef("raybig_scheduler_preemptions", "counter", "Jobs preempted for higher-priority work.",
-              ("priority",)),
 ]}
 
 _lock = threading.Lock()
@@ -131,9 +130,13 @@ def _metric(name: str) -> Any:
             return _objs[name]
         d = METRICS[name]
         if d.serve:
-            from ray.serve import metrics as mod
+            from ray.serve import metrics as serve_metrics
+
+            mod: Any = serve_metrics
         else:
-            from ray.util import metrics as mod
+            from ray.util import metrics as util_metrics
+
+            mod = util_metrics
         cls = {"counter": mod.Counter, "gauge": mod.Gauge, "histogram": mod.Histogram}[d.kind]
         kw: dict[str, Any] = {"description": d.description, "tag_keys": d.tags}
         if d.kind == "histogram":
@@ -263,10 +266,11 @@ def train_metrics_for(spec: Any, rank: int, world_size: int, run: str | None = N
     fpt = None
     with contextlib.suppress(Exception):
         if spec.model.target is None:
-            from raybig.model import flops_per_token
-            from raybig.train.build import gpt_config
+            from raybig.model import GPTConfig, flops_per_token  # leaves only: no train/ import
+            from raybig.tokenizer import BYTE_VOCAB
 
-            fpt = flops_per_token(gpt_config(spec), spec.data.seq_len)
+            cfg = GPTConfig(**spec.model.gpt_shape(), vocab_size=spec.model.vocab_size or BYTE_VOCAB)
+            fpt = flops_per_token(cfg, spec.data.seq_len)
     return TrainMetrics(spec.name, run or spec.name, trial, rank, world_size, fpt, peak_flops())
 
 
@@ -277,6 +281,7 @@ def sweep_trials(sweep: str, counts: dict[str, int]) -> None:
 
 
 def sweep_best(sweep: str, metric: str, value: float | None) -> None:
+    """The best value of the sweep's metric so far (None: nothing reported yet, not emitted)."""
     if value is not None:
         emit("raybig_sweep_best_metric", value, sweep=sweep, metric=metric)
 
@@ -293,20 +298,26 @@ def serve_request(model: str, status: str, latency_s: float, ttft_s: float | Non
 
 
 class RequestTimer:
-    """Times one completion request inside a replica: `first()` at each generated chunk (the first call
-    fixes time-to-first-token), `done(http_status, job)` once at the end."""
+    """Times one completion request inside a replica.
+
+    Call `first()` at each generated chunk (the first call fixes time-to-first-token) and
+    `done(http_status, job)` once at the end.
+    """
 
     def __init__(self, model: str):
         import time
 
         self.model, self._clock = model, time.perf_counter
-        self.t0, self.ttft, self._done = self._clock(), None, False
+        self.t0, self._done = self._clock(), False
+        self.ttft: float | None = None
 
     def first(self) -> None:
+        """Call at each generated chunk; the first call fixes time-to-first-token."""
         if self.ttft is None:
             self.ttft = self._clock() - self.t0
 
     def done(self, http_status: int, job: Any = None) -> None:
+        """Call once when the request ends: records outcome, latency, TTFT and generated tokens."""
         if self._done:
             return
         self._done = True
@@ -317,37 +328,41 @@ class RequestTimer:
 
 
 def serve_batch(model: str, size: int) -> None:
+    """The size of one generation batch (requests in it)."""
     emit("raybig_serve_batch_size", size, model=model)
 
 
 def status_class(code: int) -> str:
+    """An HTTP status as a bounded tag value: ok, client_error or server_error."""
     return "ok" if code < 400 else "client_error" if code < 500 else "server_error"
 
 
 def scheduler_queue(depth_by_priority: dict[Any, int]) -> None:
+    """Queue depth per priority (jobs waiting for admission)."""
     for prio, n in depth_by_priority.items():
         emit("raybig_scheduler_queue_depth", n, priority=prio)
 
 
 def scheduler_admitted(priority: Any, wait_s: float) -> None:
+    """One admission and its wait from submission (seconds)."""
     emit("raybig_scheduler_admissions", 1, priority=priority)
     emit("raybig_scheduler_wait_time_seconds", max(wait_s, 1e-6), priority=priority)
 
 
 def scheduler_retry(priority: Any, reason: str = "failed") -> None:
+    """One retry of a failed job; `reason` is a bounded label (the exception class)."""
     emit("raybig_scheduler_retries", 1, priority=priority, reason=reason)
-
-
-def scheduler_preempted(priority: Any) -> None:
-    emit("raybig_scheduler_preemptions", 1, priority=priority)
 
 
 _sched_priorities: set[str] = set()
 
 
 def scheduler_observe(jobs: list[Any], admitted_now: list[str], now: float | None = None) -> None:
-    """One scheduler tick: queue depth per priority (jobs not admitted, zeros kept for priorities seen
-    before so the gauge drops when a queue empties), and admissions with their queue wait."""
+    """Record one scheduler tick: queue depth per priority, and admissions with their queue wait.
+
+    Depth counts jobs not admitted; priorities seen before are kept at zero so the gauge drops when
+    a queue empties.
+    """
     import time
 
     now = time.time() if now is None else now

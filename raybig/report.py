@@ -14,47 +14,49 @@ Ray is not needed; the run may be local or on any fsspec URI.
 from __future__ import annotations
 
 import io
-import json
 import math
 from dataclasses import dataclass, field
 from typing import Any
 
 from raybig import storage
 from raybig.errors import ReportError
-
-METRICS_FILE = "metrics.jsonl"
+from raybig.train.result import TrainResult, read_metrics
 
 
 @dataclass
 class RunReport:
+    """What `raybig report` wrote and found.
+
+    Attributes:
+        kind: "train" or "sweep".
+        files: URIs of the plots and summary written.
+        summary: the short text summary (also in summary.txt).
+        stats: the numbers behind the summary.
+        result: a train run's `TrainResult` (the same record `raybig run --json` prints); None for a sweep.
+    """
+
     run_dir: str
     kind: str
     out_dir: str
     files: list[str] = field(default_factory=list)
     summary: list[str] = field(default_factory=list)
     stats: dict[str, Any] = field(default_factory=dict)
+    result: TrainResult | None = None
 
     def to_json(self) -> dict[str, Any]:
+        """Plain JSON values (`result` as `TrainResult.to_json()`)."""
         return {"run_dir": self.run_dir, "kind": self.kind, "out_dir": self.out_dir, "files": self.files,
-                "summary": self.summary, "stats": self.stats}
+                "summary": self.summary, "stats": self.stats,
+                "result": self.result.to_json() if self.result else None}
 
 
 def read_history(run_dir: str) -> list[dict[str, Any]]:
-    """The run's metric records, one per step (last record of a step wins), sorted by step."""
-    uri = storage.join(run_dir, METRICS_FILE)
-    if not storage.exists(uri):
-        raise ReportError(f"{run_dir}: no {METRICS_FILE} (not a finished or running train run?)")
-    by_step: dict[int, dict[str, Any]] = {}
-    for n, line in enumerate(storage.read_text(uri).splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ReportError(f"{uri}:{n}: not JSON ({e.msg})") from None
-        if isinstance(rec, dict) and isinstance(rec.get("step"), int):
-            by_step.setdefault(rec["step"], {}).update(rec)
-    return [by_step[s] for s in sorted(by_step)]
+    """The run's metric records, one per step (last record of a step wins), sorted by step.
+
+    Raises:
+        ReportError: no `metrics.jsonl`, or a line that is not JSON.
+    """
+    return read_metrics(run_dir)
 
 
 def series(history: list[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:
@@ -147,10 +149,11 @@ def _write_bytes(uri: str, data: bytes) -> None:
 def train_report(run_dir: str, out_dir: str | None = None, tensorboard: bool = False) -> RunReport:
     """Plots + summary for a train run directory."""
     run_dir = storage.normalize(run_dir)
-    history = read_history(run_dir)
+    result = TrainResult.from_run_dir(run_dir)
+    history = result.history
     out = storage.normalize(out_dir) if out_dir else storage.join(run_dir, "report")
     name = run_dir.rstrip("/").rsplit("/", 1)[-1]
-    rep = RunReport(run_dir, "train", out)
+    rep = RunReport(run_dir, "train", out, result=result)
     rep.summary, rep.stats = summarize(history, name)
     plots = {
         "loss.png": _plot([("loss", *series(history, "loss")), ("val_loss", *series(history, "val_loss"))],

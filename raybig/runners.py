@@ -1,35 +1,73 @@
-"""One small runner per spec kind; the CLI and the cluster entrypoint both call `run_spec`."""
+"""One runner per spec kind; the CLI (`raybig run`) and the cluster entrypoint both call `run_spec`.
+
+Runners return typed results and never print: what a person sees comes from the `RunHooks` the
+caller passes (the CLI's draw a progress bar; the default shows nothing).
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
-from rich.console import Console
+from raybig.errors import UsageError
+from raybig.spec.job import JobSpec
+from raybig.spec.models import TrainSpec
+from raybig.spec.pipeline import PipelineSpec
+from raybig.spec.probe import ProbeSpec
+from raybig.spec.serve import ServeSpec
+from raybig.spec.sweep import SweepSpec
+from raybig.train.progress import RunHooks
+from raybig.train.result import TrainResult
 
-console = Console(stderr=True, highlight=False)
+RunResult = TrainResult | dict[str, Any]
 
 
-def run_spec(spec: Any, address: str | None = None, resume_from: str | None = None, as_json: bool = False,
-             python_path: list[str] | None = None, verbose: bool = False) -> dict[str, Any] | None:
-    if spec.kind == "train":
-        from raybig.train.progress import run_train_with_progress
+def run_spec(spec: JobSpec, address: str | None = None, resume_from: str | None = None,
+             python_path: list[str] | None = None, verbose: bool = False,
+             hooks: RunHooks | None = None) -> RunResult:
+    """Run `spec` to completion (serve: until Ctrl-C) and return its result.
 
-        return run_train_with_progress(spec, address=address, resume_from=resume_from, quiet=as_json,
-                                       python_path=python_path, verbose=verbose)
-    if spec.kind == "probe":
-        from raybig.scheduler.probe import run_probe
+    Args:
+        spec: a validated spec of any kind (`raybig.spec.JobSpec`).
+        address: Ray cluster to attach to; None: RAY_ADDRESS, else an embedded local Ray.
+        resume_from: checkpoint URI a train run starts from (train only).
+        python_path: folders plug-in models import from (the working directory, the spec's folder).
+        verbose: show Ray's and the workers' logs.
+        hooks: progress callbacks (`RunHooks`); None shows nothing.
 
-        return run_probe(spec, address=address)
-    if spec.kind == "sweep":
-        from raybig.tune import run_sweep
+    Returns:
+        train: `TrainResult`; sweep: the sweep report dict; serve: the server's address info;
+        pipeline: the per-stage state; probe: what the probe held.
 
-        return run_sweep(spec, address=address, python_path=python_path, quiet=as_json, verbose=verbose)
-    if spec.kind == "serve":
-        from raybig.serve.local import run_serve
+    Raises:
+        TrainingFailed, SweepMismatch, ServeError, PipelineFailed, ClusterError (all `RaybigError`),
+        UsageError for an option the kind does not take, KeyboardInterrupt on Ctrl-C.
+    """
+    hooks = hooks or RunHooks()
+    if resume_from and not isinstance(spec, TrainSpec):
+        raise UsageError(f"--resume-from applies to train specs, not kind {spec.kind!r}")
+    match spec:
+        case TrainSpec():
+            from raybig.train.runner import run_train
 
-        return run_serve(spec, address, as_json)
-    if spec.kind == "pipeline":
-        from raybig.pipeline import run_pipeline
+            with hooks.train(spec) as on_metrics:
+                return run_train(spec, address=address, resume_from=resume_from, on_metrics=on_metrics,
+                                 python_path=python_path, verbose=verbose, sample=True)
+        case ProbeSpec():
+            from raybig.scheduler.probe import run_probe
 
-        return run_pipeline(spec, address, python_path, quiet=as_json)
-    raise NotImplementedError(f"kind {spec.kind!r} has no runner yet")
+            return run_probe(spec, address=address)
+        case SweepSpec():
+            from raybig.tune import run_sweep
+
+            return run_sweep(spec, address=address, python_path=python_path, quiet=hooks.quiet,
+                             verbose=verbose)
+        case ServeSpec():
+            from raybig.serve.local import run_serve
+
+            return run_serve(spec, address, on_ready=hooks.serving)
+        case PipelineSpec():
+            from raybig.pipeline import run_pipeline
+
+            return run_pipeline(spec, address, python_path, hooks=hooks)
+        case _:
+            raise UsageError(f"kind {getattr(spec, 'kind', '?')!r} has no runner")

@@ -62,7 +62,7 @@ def test_pipeline_sweeps_trains_serves_and_skips_finished_stages(ray_local, tmp_
 
     serve.start(http_options={"host": "127.0.0.1", "port": free_port()})  # no-op if already up
     spec = load_spec_text(PIPE.format(storage=tmp_path))
-    state = run_pipeline(spec, quiet=True, block=False)
+    state = run_pipeline(spec, block=False)
     st = state["stages"]
     assert [st[s]["status"] for s in ("sweep", "train", "serve")] == ["finished"] * 3
     assert st["train"]["export"].startswith(pipeline_dir(spec))
@@ -70,7 +70,7 @@ def test_pipeline_sweeps_trains_serves_and_skips_finished_stages(ray_local, tmp_
     r = requests.post(f"{url}/completions", json={"prompt": "def ", "max_tokens": 8}, timeout=120)
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 8
     # Run again: sweep and train are skipped (their records are untouched), serve redeploys idempotently.
-    again = run_pipeline(spec, quiet=True, block=False)["stages"]
+    again = run_pipeline(spec, block=False)["stages"]
     assert again["sweep"] == st["sweep"] and again["train"] == st["train"]
     assert json.loads(json.dumps(read_state(spec)))["stages"]["serve"]["status"] == "finished"
     delete_app("t-pipe", st["serve"]["dashboard"])

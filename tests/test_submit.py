@@ -151,6 +151,13 @@ def test_train_job_submit_follow_status_logs(cl, tmp_path):
     view = json.loads(cli(cl, "status", train, "--json").stdout)
     assert view["state"] == "SUCCEEDED" and view["metrics"]["step"] == 4, view
     assert (tmp_path / "debug" / "run.json").exists()
+    # One result shape: the job's result is the TrainResult `raybig run --json` prints and the run
+    # directory rebuilds.
+    from raybig.train.result import TrainResult
+
+    rebuilt = TrainResult.from_run_dir(str(tmp_path / "debug")).to_json()
+    assert set(view["result"]) == set(rebuilt) and view["result"]["steps"] == rebuilt["steps"] == 4, view
+    assert view["result"]["export_dir"] == rebuilt["export_dir"]
     env = {**os.environ, "RAY_AUTH_MODE": "token"}
     rl = subprocess.run([RAY, "job", "list", "--address", cl.address], capture_output=True, text=True,
                         env=env, timeout=60)
@@ -280,3 +287,43 @@ def test_clear_one_line_errors(cl, tmp_path):
         assert r.returncode == code, (args, r.returncode, err)
         assert text in err and "Traceback" not in err, (args, err)
         assert len([ln for ln in err.splitlines() if ln.startswith("error")]) >= 1
+
+
+def test_serve_submit_status_down_find_the_saved_cluster_with_no_flags(cl, tmp_path):
+    """After `raybig cluster up` saved its address (here: the same call on this module's cluster),
+    `submit serve.yaml`, `serve status` and `serve down` all reach that cluster with no --address and
+    no RAY_ADDRESS."""
+    import torch
+
+    from raybig.cluster.connect import address_file, save_address
+    from raybig.cluster.ray_env import free_port
+    from raybig.model import GPT, GPTConfig
+    from raybig.spec.models import PRESETS
+    from raybig.train.export import write_export
+
+    save_address(cl.address)  # what `raybig cluster up` does
+    assert address_file().parent == pathlib.Path(os.environ["RAYBIG_HOME"])
+    torch.manual_seed(0)
+    gpt = GPT(GPTConfig(**{**PRESETS["gpt-debug"], "block_size": 256}))  # serving needs weights, not training
+    export = write_export(str(tmp_path / "run"), gpt.state_dict(), gpt.config.to_dict(), tied=GPT.tied_keys)
+    spec = tmp_path / "serve.yaml"
+    spec.write_text(f"kind: serve\nname: t-saved\ncheckpoint: {export}\nroute_prefix: /t-saved\n"
+                    f"port: {free_port()}\nresources: {{num_cpus: 0.25}}\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_DASHBOARD_ADDRESS")}
+
+    def bare(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "raybig", *args], capture_output=True, text=True,
+                              env=env, timeout=120, cwd=str(tmp_path))
+
+    r = bare("submit", str(spec))
+    assert r.returncode == 0 and cl.address in r.stderr, r.stderr[-2000:]
+
+    def app():
+        s = bare("serve", "status", "--json")
+        assert s.returncode == 0, s.stderr[-2000:]
+        return json.loads(s.stdout)["applications"].get("t-saved")
+
+    assert wait_for(lambda: (a := app()) and a["status"] == "RUNNING" and a, 180, every=2, what="t-saved RUNNING")
+    d = bare("serve", "down", "t-saved")
+    assert d.returncode == 0 and "removed t-saved" in d.stdout, d.stderr[-2000:]
+    wait_for(lambda: app() is None, 60, every=1, what="t-saved removed")

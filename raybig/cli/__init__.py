@@ -23,6 +23,7 @@ class RaybigGroup(click.Group):
     """Turns expected failures into one-line messages instead of tracebacks."""
 
     def invoke(self, ctx: click.Context) -> Any:
+        """Run the command; a RaybigError becomes one `error ...` line and its exit code."""
         try:
             return super().invoke(ctx)
         except SpecError as e:
@@ -47,7 +48,7 @@ def main() -> None:
 
 
 def _load(path: str, overrides: tuple[str, ...]) -> Any:
-    from raybig.train.loop import add_python_path
+    from raybig.plugins import add_python_path
 
     # Plug-in models (`model.target`) import from the working directory and the spec's folder.
     add_python_path([os.getcwd(), os.path.dirname(os.path.abspath(path))])
@@ -82,19 +83,24 @@ def validate(spec_path: str, overrides: tuple[str, ...], as_json: bool) -> None:
 def run(spec_path: str, overrides: tuple[str, ...], address: str | None, resume_from: str | None,
         as_json: bool, verbose: bool) -> None:
     """Run a spec to completion on an embedded local Ray (or --address)."""
+    from raybig.cli.progress import ConsoleHooks, JsonHooks, print_train_summary
     from raybig.runners import run_spec
+    from raybig.train.result import TrainResult
 
     spec = _load(spec_path, overrides)
     spec_dir = os.path.dirname(os.path.abspath(spec_path))
+    hooks = JsonHooks(out) if as_json else ConsoleHooks(console)
     try:
-        result = run_spec(spec, address=address, resume_from=resume_from, as_json=as_json,
-                          python_path=[os.getcwd(), spec_dir], verbose=verbose)
+        result = run_spec(spec, address=address, resume_from=resume_from, python_path=[os.getcwd(), spec_dir],
+                          verbose=verbose, hooks=hooks)
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/yellow]: workers stopped; the last checkpoint is kept and "
                       "`raybig run` on the same spec resumes from it.")
         sys.exit(EXIT_INTERRUPTED)
-    if as_json and result is not None:
-        out.print_json(json.dumps(result))
+    if as_json:
+        out.print_json(json.dumps(result.to_json() if isinstance(result, TrainResult) else result, default=str))
+    elif isinstance(result, TrainResult):
+        print_train_summary(console, result)
 
 
 if __name__ == "__main__":  # pragma: no cover

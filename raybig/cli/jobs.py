@@ -16,7 +16,9 @@ from typing import Any
 import click
 
 from raybig.cli import _load, console, main, out, set_option
-from raybig.errors import RaybigError
+from raybig.errors import EXIT_FAILED, ClusterError, RaybigError, first_line
+from raybig.scheduler.policy import JobState
+from raybig.spec.serve import ServeSpec
 
 address_option = click.option("--address", default=None, metavar="URL",
                               help="Jobs API URL (default: $RAY_ADDRESS, then `raybig cluster up`'s).")
@@ -51,36 +53,31 @@ def submit(spec_path: str, overrides: tuple[str, ...], address: str | None, prio
            follow: bool, python: str | None) -> None:
     """Validate SPEC locally, then queue it on a Ray cluster."""
     from raybig.scheduler import client
+    from raybig.scheduler.meta import priority_of
 
     if priority is not None:
         overrides = (*overrides, f"priority={priority}")
     spec = _load(spec_path, overrides)  # a bad spec stops here (exit 2)
-    if spec.kind == "serve":
+    if isinstance(spec, ServeSpec):
         _submit_serve(spec, address)
         return
     job_id, url = client.submit(spec, os.path.dirname(os.path.abspath(spec_path)), address, python=python)
-    console.print(f"[green]submitted[/green] {job_id} to {url} (priority {getattr(spec, 'priority', 0)})")
+    console.print(f"[green]submitted[/green] {job_id} to {url} (priority {priority_of(spec)})")
     out.print(job_id)
     if follow:
-        status = client.follow(job_id, url)
-        console.print(f"{job_id}: {status}")
-        if status != "SUCCEEDED":
-            sys.exit(1)
+        state = client.follow(job_id, url)
+        console.print(f"{job_id}: {state.value}")
+        if state is not JobState.SUCCEEDED:
+            sys.exit(EXIT_FAILED)
 
 
-def _submit_serve(spec: Any, address: str | None) -> None:
+def _submit_serve(spec: ServeSpec, address: str | None) -> None:
     """A serve spec is a long-lived app, not a queued job: it goes to Serve's declarative config."""
-    from raybig.cluster.jobs import resolve_address
+    from raybig.cluster.connect import resolve_address
+    from raybig.serve.deploy import deploy
 
-    try:
-        from raybig.serve.deploy import ServeError, deploy
-    except ImportError:
-        raise RaybigError("kind: serve cannot be submitted: raybig.serve is not installed here") from None
     url = resolve_address(address)
-    try:
-        deploy(spec, address=url)
-    except ServeError as e:
-        raise RaybigError(str(e), 3) from None
+    deploy(spec, address=url)  # ServeError (exit 1) / ClusterError (exit 3) reach the CLI's edge
     console.print(f"[green]deployed[/green] serve app {spec.name!r} to {url} (Serve's declarative config)")
     out.print(spec.name)
 
@@ -100,7 +97,7 @@ def status(job_id: str | None, address: str | None, as_json: bool) -> None:
     if as_json:
         out.print_json(json.dumps(v.to_json()))
         return
-    out.print(f"{v.job_id}  {v.name}  [bold]{v.state}[/bold]  priority {v.priority}  "
+    out.print(f"{v.job_id}  {v.name}  [bold]{v.state.value}[/bold]  priority {v.priority}  "
               f"submitted {_ago(v.submitted_at)} ago")
     if v.position:
         out.print(f"  queue position {v.position}: {v.reason or 'waiting'}")
@@ -110,6 +107,9 @@ def status(job_id: str | None, address: str | None, as_json: bool) -> None:
         out.print(f"  progress: {_progress(v.metrics)}")
     if v.error:
         out.print(f"  error: {v.error}")
+    if v.result and v.result.get("run_dir"):
+        out.print(f"  run dir: {v.result['run_dir']}" + (f"  export: {v.result['export_dir']}"
+                                                         if v.result.get("export_dir") else ""))
 
 
 @main.command()
@@ -134,7 +134,7 @@ def stop(job_id: str, address: str | None) -> None:
     from raybig.scheduler import client
 
     st = client.stop(job_id, address)
-    out.print(f"{job_id}: {st or 'stopping'}")
+    out.print(f"{job_id}: {st.value if st else 'stopping'}")
 
 
 def _table(views: list[Any], as_json: bool) -> None:
@@ -150,8 +150,8 @@ def _table(views: list[Any], as_json: bool) -> None:
     for c in ("JOB", "NAME", "STATE", "PRI", "POS", "AGE", "DETAIL"):
         t.add_column(c)
     for v in views:
-        detail = v.reason if v.state in ("QUEUED", "PENDING") else v.error or _progress(v.metrics)
-        t.add_row(v.job_id, v.name, v.state, str(v.priority), str(v.position or ""), _ago(v.submitted_at),
+        detail = v.reason if v.state in (JobState.QUEUED, JobState.PENDING) else v.error or _progress(v.metrics)
+        t.add_row(v.job_id, v.name, v.state.value, str(v.priority), str(v.position or ""), _ago(v.submitted_at),
                   detail)
     out.print(t)
 
@@ -187,10 +187,10 @@ def cluster() -> None:
 @click.option("--workers", type=int, default=2, show_default=True, help="Worker nodes.")
 @click.option("--head-cpus", type=float, default=1, show_default=True)
 @click.option("--worker-cpus", type=float, default=1, show_default=True)
-@click.option("--dir", "cdir", default=None, help="State/log folder (default ~/.raybig/cluster).")
+@click.option("--dir", "cdir", default=None, help="State/log folder (default $RAYBIG_HOME/cluster).")
 def cluster_up(workers: int, head_cpus: float, worker_cpus: float, cdir: str | None) -> None:
     """Start a head and WORKERS worker nodes as separate Ray processes; saves the address."""
-    from raybig.cluster.jobs import save_default_address
+    from raybig.cluster.connect import save_address
     from raybig.cluster.local import LocalCluster, default_dir, default_token_path
 
     d = str(cdir or default_dir())
@@ -203,8 +203,8 @@ def cluster_up(workers: int, head_cpus: float, worker_cpus: float, cdir: str | N
         c.up()
     except (RuntimeError, TimeoutError) as e:
         c.down()
-        raise RaybigError(str(e)) from None
-    save_default_address(c.address)
+        raise ClusterError(f"the local cluster did not start: {first_line(e)}") from None
+    save_address(c.address)
     out.print(f"[green]up[/green] {c.address}: head + {workers} worker node(s); token {c.token_path}")
 
 

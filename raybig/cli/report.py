@@ -8,7 +8,7 @@ import os
 import click
 
 from raybig.cli import main, out
-from raybig.errors import RaybigError
+from raybig.errors import UsageError
 
 
 @main.command("report")
@@ -18,10 +18,13 @@ from raybig.errors import RaybigError
 @click.option("--tensorboard", is_flag=True, help="Also write TensorBoard event files to <out>/tensorboard.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def report_cmd(run: str, out_dir: str | None, tensorboard: bool, as_json: bool) -> None:
-    """Plots of loss/val_loss, learning rate and tokens/s vs step for RUN (a run directory, or the
-    spec file that produced it), plus a short summary. For a sweep: its trial curves and table."""
+    """Plots and a short summary of a train run, or a sweep's trial curves and table.
+
+    RUN is a run directory, or the spec file that produced it. Plots: loss/val_loss, learning
+    rate and tokens/s against step.
+    """
     from raybig import storage
-    from raybig.report import ReportError, report
+    from raybig.report import report
 
     run_dir = run
     if run.endswith((".yaml", ".yml")) and os.path.isfile(run):
@@ -29,12 +32,9 @@ def report_cmd(run: str, out_dir: str | None, tensorboard: bool, as_json: bool) 
 
         spec = load_spec(run)  # SpecError -> exit 2 with path + line
         if not hasattr(spec, "storage"):
-            raise RaybigError(f"{run} is a {spec.kind!r} spec; it has no run directory to report on", 2)
+            raise UsageError(f"{run} is a {spec.kind!r} spec; it has no run directory to report on")
         run_dir = storage.join(spec.storage.path, spec.name)
-    try:
-        rep = report(run_dir, out_dir, tensorboard)
-    except ReportError as e:
-        raise RaybigError(str(e), 2) from None
+    rep = report(run_dir, out_dir, tensorboard)  # ReportError: exit 2
     if as_json:
         out.print_json(json.dumps(rep.to_json(), default=str))
         return

@@ -7,25 +7,16 @@ import json
 import click
 
 from raybig.cli import main, out
-from raybig.errors import RaybigError
+from raybig.errors import UsageError
 
 address_option = click.option(
     "--address", default=None, metavar="URL",
-    help="Ray dashboard (default: RAY_DASHBOARD_ADDRESS, the local `raybig run` server, or :8265).")
+    help="Ray dashboard (default: $RAY_ADDRESS, then `raybig cluster up`'s, then a local `raybig run` server).")
 
 
 @main.group()
 def serve() -> None:
     """Serve applications: status and removal (deploy with `raybig run|submit serve.yaml`)."""
-
-
-def _call(fn, *args):  # noqa: ANN001, ANN202
-    from raybig.serve.deploy import ServeError
-
-    try:
-        return fn(*args)
-    except ServeError as e:
-        raise RaybigError(str(e)) from None
 
 
 @serve.command("status")
@@ -35,7 +26,7 @@ def serve_status(address: str | None, as_json: bool) -> None:
     """Applications, replicas (running/starting) and autoscaling targets."""
     from raybig.serve.deploy import status
 
-    st = _call(status, address)
+    st = status(address)
     if as_json:
         out.print_json(json.dumps(st))
         return
@@ -60,6 +51,6 @@ def serve_down(name: str | None, all_: bool, address: str | None) -> None:
     from raybig.serve.deploy import delete_app
 
     if not name and not all_:
-        raise RaybigError("give an application NAME or --all", exit_code=2)
-    removed = _call(delete_app, None if all_ else name, address)
+        raise UsageError("give an application NAME or --all")
+    removed = delete_app(None if all_ else name, address)
     out.print(f"removed {', '.join(removed) if removed else 'nothing (no applications)'}")

@@ -8,7 +8,7 @@ import os
 import click
 
 from raybig.cli import main, out
-from raybig.errors import RaybigError
+from raybig.errors import UsageError
 
 
 @main.group()
@@ -30,10 +30,10 @@ def report(run: str, as_json: bool) -> None:
 
         spec = load_spec(run)
         if spec.kind != "sweep":
-            raise RaybigError(f"{run} is a {spec.kind!r} spec, not a sweep", 2)
+            raise UsageError(f"{run} is a {spec.kind!r} spec, not a sweep")
         sweep_dir = storage.join(spec.storage.path, spec.name)
     if not storage.exists(f"{storage.normalize(sweep_dir)}/sweep.yaml"):
-        raise RaybigError(f"{sweep_dir}: not a sweep directory (no sweep.yaml)", 2)
+        raise UsageError(f"{sweep_dir}: not a sweep directory (no sweep.yaml)")
     rep = write_report(sweep_dir)
     if as_json:
         out.print_json(json.dumps(rep, default=str))

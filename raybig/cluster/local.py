@@ -18,16 +18,18 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from raybig.cluster.connect import local_cluster_dir, token_path
 from raybig.cluster.ray_env import dashboard_host, free_port
 
 
 def default_dir() -> pathlib.Path:
-    return pathlib.Path(os.environ.get("RAYBIG_HOME", str(pathlib.Path.home() / ".raybig"))) / "cluster"
+    """`$RAYBIG_HOME/cluster` (see `raybig.cluster.connect`)."""
+    return local_cluster_dir()
 
 
 def default_token_path() -> str:
     """Where Ray itself looks for the token (so `ray job ...` and raybig both find it)."""
-    return os.environ.get("RAY_AUTH_TOKEN_PATH") or str(pathlib.Path.home() / ".ray" / "auth_token")
+    return str(token_path())
 
 
 def _ray_bin() -> str:
@@ -55,6 +57,16 @@ def _port_range(n: int = 60) -> tuple[int, int]:
 
 @dataclass
 class LocalCluster:
+    """A head and `workers` worker nodes on this machine, each a `ray start --block` process.
+
+    Attributes:
+        dir: folder for `cluster.json` (this object, saved) and each process's log.
+        workers: worker nodes besides the head.
+        head_cpus / worker_cpus: logical CPUs each node advertises.
+        env: extra environment for every Ray process.
+        pids: the `ray start` processes (stopped by process group).
+        token_path: the auth-token file every node and client reads.
+    """
     dir: str
     workers: int = 2
     head_cpus: float = 1
@@ -71,11 +83,13 @@ class LocalCluster:
 
     @property
     def address(self) -> str:
+        """The dashboard (Jobs API) URL clients use."""
         host = self.dashboard_host if self.dashboard_host not in ("0.0.0.0", "::", "") else "127.0.0.1"
         return f"http://{host}:{self.dashboard_port}"
 
     @property
     def gcs_address(self) -> str:
+        """`127.0.0.1:PORT` of the head's GCS (what `ray start --address` and `ray.init` take)."""
         return f"127.0.0.1:{self.gcs_port}"
 
     def _env(self) -> dict[str, str]:
@@ -108,6 +122,15 @@ class LocalCluster:
         return p.pid
 
     def up(self, timeout: float = 180) -> LocalCluster:
+        """Start the head, then each worker; wait until all nodes are alive; save `cluster.json`.
+
+        Args:
+            timeout: seconds each process may take to come up.
+
+        Raises:
+            RuntimeError: a Ray process exited during start-up.
+            TimeoutError: the dashboard or a node did not come up in time.
+        """
         d = pathlib.Path(self.dir)
         d.mkdir(parents=True, exist_ok=True)
         if not self.token_path:
@@ -182,6 +205,12 @@ class LocalCluster:
         return [n for n in summary if n.get("raylet", {}).get("state") == "ALIVE"]
 
     def wait_nodes(self, n: int, timeout: float = 90) -> None:
+        """Wait until `n` nodes are alive.
+
+        Raises:
+            RuntimeError: a Ray process exited.
+            TimeoutError: fewer than `n` after `timeout` seconds.
+        """
         deadline = time.time() + timeout
         while time.time() < deadline:
             if self._dead():
@@ -206,11 +235,15 @@ class LocalCluster:
         return out
 
     def alive(self) -> bool:
+        """Every process this cluster started is still running."""
         return bool(self.pids) and not self._dead()
 
     def down(self, timeout: float = 8) -> None:
-        """SIGTERM each `ray start --block` (it stops its own children), workers first, then the head;
-        after `timeout` (Ray would drain a node for 30 s) SIGKILL each process group."""
+        """Stop every process: SIGTERM, then SIGKILL after `timeout` seconds.
+
+        SIGTERM goes to each `ray start --block` (it stops its own children), workers first, then
+        the head; after `timeout` (Ray would drain a node for 30 s) each process group is SIGKILLed.
+        """
         for pid in reversed(self.pids):
             try:
                 os.killpg(pid, signal.SIGTERM)
@@ -233,10 +266,12 @@ class LocalCluster:
         self.save()
 
     def save(self) -> None:
+        """Write this object to `<dir>/cluster.json`."""
         (pathlib.Path(self.dir) / "cluster.json").write_text(json.dumps(asdict(self), indent=2))
 
     @staticmethod
     def load(dir: str | None = None) -> LocalCluster | None:
+        """The cluster saved in `dir` (default `$RAYBIG_HOME/cluster`), or None."""
         f = pathlib.Path(dir or default_dir()) / "cluster.json"
         if not f.exists():
             return None

@@ -3,49 +3,88 @@
 from __future__ import annotations
 
 import base64
-import fnmatch
 import getpass
 import json
 import os
+import pathlib
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from raybig.cluster.jobs import ClusterError, call, connect, translate
+import pathspec
+from ray.job_submission import JobStatus
+
+from raybig.cluster.connect import translate
+from raybig.cluster.jobs import call, connect
+from raybig.errors import ClusterError
 from raybig.scheduler.meta import is_raybig, last_state, metadata_for
 from raybig.scheduler.policy import JobState
 
-# Never ship these in a working_dir: VCS, envs, run outputs, weights and data.
+# Never ship these in a working_dir: VCS, envs, run outputs, weights and data (gitwildmatch, as Ray
+# reads `excludes`: a bare name matches at any depth).
 EXCLUDES = [".git", ".venv", "venv", "__pycache__", "*.pyc", "runs", "*.safetensors", "*.pt", "*.bin",
             "*.ckpt", "*.npy", "*.parquet", ".mypy_cache", ".pytest_cache", "node_modules", "wandb"]
 
 
 def upload_limit() -> int:
+    """Ray's working_dir upload limit in bytes (RAYBIG_MAX_UPLOAD_BYTES overrides it)."""
     from ray._private.runtime_env.packaging import GCS_STORAGE_MAX_SIZE
 
     return int(os.environ.get("RAYBIG_MAX_UPLOAD_BYTES", GCS_STORAGE_MAX_SIZE))
 
 
-def _excluded(rel: str, excludes: list[str]) -> bool:
-    parts = rel.split(os.sep)
-    return any(fnmatch.fnmatch(p, pat) for p in parts for pat in excludes) or any(
-        fnmatch.fnmatch(rel, pat) for pat in excludes)
+def _ignore_file_spec(folder: pathlib.Path) -> pathspec.PathSpec | None:
+    """Patterns of the `.gitignore` / `.rayignore` in `folder`, or None.
+
+    Ray honours both (.gitignore unless RAY_RUNTIME_ENV_IGNORE_GITIGNORE=1).
+    """
+    names = [".rayignore"]
+    if os.environ.get("RAY_RUNTIME_ENV_IGNORE_GITIGNORE", "0") != "1":
+        names.insert(0, ".gitignore")
+    lines: list[str] = []
+    for n in names:
+        f = folder / n
+        if f.is_file():
+            lines += f.read_text(errors="replace").splitlines()
+    return pathspec.PathSpec.from_lines("gitwildmatch", lines) if lines else None
 
 
 def check_upload(workdir: str, excludes: list[str]) -> int:
-    """Bytes that would be uploaded; a clear error past Ray's limit (not "Request Entity Too Large")."""
+    """Bytes Ray would upload as the job's working_dir; a clear error past Ray's limit.
+
+    Mirrors Ray's packaging (`ray._private.runtime_env.packaging`): `excludes` are gitwildmatch
+    patterns relative to `workdir`, and each folder's `.gitignore`/`.rayignore` applies below it.
+
+    Raises:
+        ClusterError: the total is at or over the upload limit (names the 3 largest files).
+    """
+    root = pathlib.Path(workdir).absolute()
+    rules: list[tuple[pathlib.Path, pathspec.PathSpec]] = [
+        (root, pathspec.PathSpec.from_lines("gitwildmatch", excludes))]
     total, biggest = 0, []
-    for root, dirs, files in os.walk(workdir):
-        dirs[:] = [d for d in dirs if not _excluded(os.path.relpath(os.path.join(root, d), workdir), excludes)]
-        for f in files:
-            p = os.path.join(root, f)
-            rel = os.path.relpath(p, workdir)
-            if _excluded(rel, excludes) or not os.path.isfile(p):
+
+    def skipped(p: pathlib.Path) -> bool:
+        return any(spec.match_file(str(p.relative_to(base))) for base, spec in rules)
+
+    def walk(folder: pathlib.Path) -> None:
+        nonlocal total
+        own = _ignore_file_spec(folder)
+        if own is not None:
+            rules.append((folder, own))
+        for p in sorted(folder.iterdir()):
+            if skipped(p):
                 continue
-            n = os.path.getsize(p)
-            total += n
-            biggest.append((n, rel))
+            if p.is_dir() and not p.is_symlink():
+                walk(p)
+            elif p.is_file():
+                n = p.stat().st_size
+                total += n
+                biggest.append((n, str(p.relative_to(root))))
+        if own is not None:
+            rules.pop()
+
+    walk(root)
     limit = upload_limit()
     if total >= limit:
         top = ", ".join(f"{r} ({n / 2**20:.0f} MiB)" for n, r in sorted(biggest, reverse=True)[:3])
@@ -55,10 +94,13 @@ def check_upload(workdir: str, excludes: list[str]) -> int:
 
 
 def entrypoint(python: str | None) -> str:
-    """The job's command. By default it runs the Python environment of the Ray process that launches
-    it (the job supervisor, $PPID): the environment root is found from where that process loaded
+    """The job's shell command.
+
+    By default it runs the Python environment of the Ray process that launches it (the job
+    supervisor, $PPID): the environment root is found from where that process loaded
     `ray/_raylet.so` (venv, conda or system), so the head's PATH never picks the interpreter.
-    (/proc/PID/exe would not do: a venv's python is a symlink to the base interpreter.)"""
+    (/proc/PID/exe would not do: a venv's python is a symlink to the base interpreter.)
+    """
     if python:
         return f"{python} -m raybig.entrypoint"
     return ("R=$(grep -m1 -o '/[^ ]*/ray/_raylet.so' /proc/$PPID/maps 2>/dev/null); "
@@ -103,9 +145,19 @@ def submit(spec: Any, spec_dir: str, address: str | None = None, python: str | N
 
 @dataclass
 class JobView:
+    """One job as `raybig status/list/queue` show it.
+
+    Attributes:
+        state: the raybig lifecycle state (Ray's own status, refined by the holder's last state line).
+        position: 1-based place among waiting jobs (None when not waiting).
+        reason: why a queued job waits.
+        metrics: the latest train metrics the job reported (step, loss, ...).
+        result: what the run returned when it SUCCEEDED (a train job: `TrainResult.to_json()`).
+    """
+
     job_id: str
     name: str
-    state: str
+    state: JobState
     priority: int
     submitted_at: float
     user: str = ""
@@ -114,24 +166,34 @@ class JobView:
     attempt: int | None = None
     error: str = ""
     metrics: dict[str, Any] = field(default_factory=dict)
+    result: dict[str, Any] | None = None
     raybig: bool = True
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        """Plain JSON values (`state` as its name)."""
+        return {**asdict(self), "state": self.state.value}
 
 
-def _state_of(ray_status: str, holder: dict[str, Any] | None) -> str:
-    if ray_status in ("SUCCEEDED", "FAILED", "STOPPED"):
-        return ray_status
-    if ray_status == "PENDING" or not holder:
-        return JobState.PENDING.value
-    s = holder.get("state", "QUEUED")
-    return s if s in ("QUEUED", "RUNNING", "RETRYING") else JobState.RUNNING.value
+# What a holder may say about a job Ray still runs; any other (or none yet) reads as RUNNING.
+_HOLDER_STATES = (JobState.QUEUED, JobState.RUNNING, JobState.RETRYING)
+
+
+def _state_of(ray_status: JobStatus, holder: dict[str, Any] | None) -> JobState:
+    if ray_status.is_terminal():
+        return JobState(ray_status.value)
+    if ray_status is JobStatus.PENDING or not holder:
+        return JobState.PENDING
+    s = holder.get("state", JobState.QUEUED)
+    return s if s in _HOLDER_STATES else JobState.RUNNING
+
+
+def _status(d: Any) -> JobStatus:
+    return JobStatus(getattr(d.status, "value", d.status))
 
 
 def _view(client: Any, url: str, d: Any, with_logs: bool) -> JobView:
     md = d.metadata or {}
-    status = str(getattr(d.status, "value", d.status))
+    status = _status(d)
     holder = None
     if with_logs:
         holder = last_state(call(url, client.get_job_logs, d.submission_id))
@@ -140,73 +202,96 @@ def _view(client: Any, url: str, d: Any, with_logs: bool) -> JobView:
                 submitted_at=float(md.get("raybig_submitted_at", (d.start_time or 0) / 1000)),
                 user=md.get("raybig_user", ""), raybig=is_raybig(md))
     if holder:
-        v.reason = holder.get("reason", "") if v.state == "QUEUED" else ""
+        v.reason = holder.get("reason", "") if v.state is JobState.QUEUED else ""
         v.attempt = holder.get("attempt")
         v.error = holder.get("error", "")
         v.metrics = holder.get("metrics", {})
-    if status == "FAILED" and not v.error:
-        v.error = (d.message or "").strip().splitlines()[0][:300] if d.message else ""
+        if v.state is JobState.SUCCEEDED and isinstance(holder.get("result"), dict):
+            v.result = holder["result"]
+    if status is JobStatus.FAILED and not v.error and d.message:
+        v.error = d.message.strip().partition("\n")[0][:300]  # Ray's message, not an exception
     return v
 
 
 def list_views(address: str | None = None, include_all: bool = False) -> list[JobView]:
+    """Active raybig jobs in queue order (`include_all`: every job in Ray's table, ended ones too).
+
+    Raises:
+        ClusterError: the cluster cannot be reached or refused the token.
+    """
     client, url = connect(address)
     jobs = call(url, client.list_jobs)
     views = []
     for d in jobs:
         if not d.submission_id or (not include_all and not is_raybig(d.metadata)):
             continue
-        status = str(getattr(d.status, "value", d.status))
-        if not include_all and status in ("SUCCEEDED", "FAILED", "STOPPED"):
+        status = _status(d)
+        if not include_all and status.is_terminal():
             continue
-        views.append(_view(client, url, d, with_logs=is_raybig(d.metadata) and status == "RUNNING"))
+        views.append(_view(client, url, d, with_logs=is_raybig(d.metadata) and status is JobStatus.RUNNING))
     return _with_positions(views)
+
+
+_WAITING = (JobState.PENDING, JobState.QUEUED)
+_ORDER = {JobState.RUNNING: 0, JobState.RETRYING: 1, JobState.QUEUED: 2, JobState.PENDING: 2}
 
 
 def _with_positions(views: list[JobView]) -> list[JobView]:
     """Queue positions computed from the job table's order (priority, then submission time)."""
-    waiting = sorted((v for v in views if v.raybig and v.state in ("PENDING", "QUEUED")),
+    waiting = sorted((v for v in views if v.raybig and v.state in _WAITING),
                      key=lambda v: (-v.priority, v.submitted_at, v.job_id))
     for i, v in enumerate(waiting):
         v.position = i + 1
-    order = {"RUNNING": 0, "RETRYING": 1, "QUEUED": 2, "PENDING": 2}
-    return sorted(views, key=lambda v: (order.get(v.state, 3), -v.priority if v.state != "SUCCEEDED" else 0,
+    return sorted(views, key=lambda v: (_ORDER.get(v.state, 3),
+                                        -v.priority if v.state is not JobState.SUCCEEDED else 0,
                                         v.submitted_at))
 
 
 def get_view(job_id: str, address: str | None = None) -> JobView:
+    """One job's view, with its queue position when it waits.
+
+    Raises:
+        ClusterError: unreachable cluster, refused token, or no such job.
+    """
     client, url = connect(address)
     d = call(url, client.get_job_info, job_id)
     v = _view(client, url, d, with_logs=True)
-    if v.state in ("PENDING", "QUEUED"):
+    if v.state in _WAITING:
         for other in list_views(address):
             if other.job_id == job_id:
                 v.position = other.position
     return v
 
 
-def stop(job_id: str, address: str | None = None, wait_s: float = 30) -> str:
-    """Stop a queued or running job; waits until Ray reports it ended (its workers are gone)."""
+def stop(job_id: str, address: str | None = None, wait_s: float = 30) -> JobState | None:
+    """Stop a queued or running job; waits up to `wait_s` seconds until Ray reports it ended.
+
+    Returns:
+        The job's final state, or None if it had not ended within `wait_s`.
+
+    Raises:
+        ClusterError: unreachable cluster, refused token, or no such job.
+    """
     client, url = connect(address)
     call(url, client.get_job_info, job_id)  # unknown id -> one-line error
     call(url, client.stop_job, job_id)
     deadline = time.time() + wait_s
-    status = ""
     while time.time() < deadline:
-        status = str(getattr(call(url, client.get_job_status, job_id), "value", ""))
-        if status in ("STOPPED", "SUCCEEDED", "FAILED"):
-            break
+        status = JobStatus(call(url, client.get_job_status, job_id))
+        if status.is_terminal():
+            return JobState(status.value)
         time.sleep(0.3)
-    return status
+    return None
 
 
 def logs(job_id: str, address: str | None = None) -> str:
+    """The job's whole log text so far."""
     client, url = connect(address)
     return call(url, client.get_job_logs, job_id)
 
 
-def follow(job_id: str, address: str | None = None, out: Any = None) -> str:
-    """Stream logs until the job ends; returns its final Ray status."""
+def follow(job_id: str, address: str | None = None, out: Any = None) -> JobState:
+    """Stream logs to `out` (default stdout) until the job ends; returns its final state."""
     import asyncio
     import sys
 
@@ -223,4 +308,4 @@ def follow(job_id: str, address: str | None = None, out: Any = None) -> str:
         asyncio.run(tail())
     except Exception as e:  # noqa: BLE001
         raise translate(e, url) from None
-    return str(getattr(call(url, client.get_job_status, job_id), "value", ""))
+    return JobState(JobStatus(call(url, client.get_job_status, job_id)).value)

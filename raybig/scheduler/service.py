@@ -23,9 +23,10 @@ import time
 from typing import Any
 
 import ray
+from ray.job_submission import JobStatus
 
 from raybig.metrics import scheduler_observe
-from raybig.scheduler.meta import ACTOR_NAME, NAMESPACE, is_raybig, job_from_metadata
+from raybig.scheduler.meta import ACTOR_NAME, NAMESPACE, Phase, is_raybig, job_from_metadata
 from raybig.scheduler.policy import Decision, Demand, Job, Node, decide
 
 TICK_S = float(os.environ.get("RAYBIG_SCHED_TICK_S", "0.5"))
@@ -38,8 +39,9 @@ def _quotas() -> dict[str, dict[str, float]]:
     return json.loads(raw) if raw else {}
 
 
-@ray.remote(num_cpus=0, max_restarts=-1, max_concurrency=32)
+@ray.remote(num_cpus=0, max_restarts=-1, max_concurrency=32)  # type: ignore[call-overload]
 class RaybigScheduler:
+    """The cluster's one scheduler actor: admits queued jobs by policy (see the module docstring)."""
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._regs: dict[str, dict[str, Any]] = {}  # job_id -> {phase, admitted, job, seen}
@@ -53,26 +55,29 @@ class RaybigScheduler:
         threading.Thread(target=self._loop, daemon=True).start()
 
     # --- called by holders ------------------------------------------------------------------
-    def heartbeat(self, job_id: str, phase: str, job: dict[str, Any]) -> dict[str, Any]:
-        """phase: waiting (asks to start) | running (already admitted) | backoff (retry pause)."""
+    def heartbeat(self, job_id: str, phase: Phase, job: dict[str, Any]) -> dict[str, Any]:
+        """A holder's heartbeat; `phase` (a `Phase`) says whether it waits, runs or backs off."""
+        phase = Phase(phase)
         with self._lock:
             r = self._regs.setdefault(job_id, {"admitted": False})
             r.update(phase=phase, seen=time.time(), job=job)
-            if phase == "running":
+            if phase is Phase.RUNNING:
                 r["admitted"] = True  # a holder that says it runs was admitted (maybe before a restart)
-            elif phase == "backoff":
+            elif phase is Phase.BACKOFF:
                 r["admitted"] = False
             return {"admitted": bool(r["admitted"]), "reason": self._decision.reasons.get(job_id, "in queue"),
                     "position": self._decision.positions.get(job_id), "recovering": self._recovering}
 
     def release(self, job_id: str) -> None:
+        """Forget a job that ended; its reservation is free at the next tick."""
         with self._lock:
             self._regs.pop(job_id, None)
             self._done.add(job_id)
 
     def snapshot(self) -> dict[str, Any]:
+        """The actor's state for tests and debugging (registrations, reasons, positions, pid)."""
         with self._lock:
-            return {"regs": {k: {"phase": v.get("phase"), "admitted": v.get("admitted")}
+            return {"regs": {k: {"phase": _value(v.get("phase")), "admitted": v.get("admitted")}
                              for k, v in self._regs.items()},
                     "reasons": dict(self._decision.reasons), "positions": dict(self._decision.positions),
                     "ticks": self._ticks, "recovering": self._recovering, "started": self._started,
@@ -88,11 +93,12 @@ class RaybigScheduler:
             time.sleep(TICK_S)
 
     def tick(self) -> None:
+        """One scheduling round: read the job table, drop ended jobs, decide admissions."""
         table = _job_table()
         with self._lock:
             alive = {jid: md for jid, (status, md) in table.items()
-                     if status in ("PENDING", "RUNNING") and jid not in self._done}
-            self._done &= {jid for jid, (status, _) in table.items() if status in ("PENDING", "RUNNING")}
+                     if not status.is_terminal() and jid not in self._done}
+            self._done &= {jid for jid, (status, _) in table.items() if not status.is_terminal()}
             now = time.time()
             # A job once seen alive stays known until the table shows it ended: one incomplete read
             # of the table must not let a later job jump ahead of it.
@@ -109,12 +115,12 @@ class RaybigScheduler:
                         alive[jid] = md
             for jid in list(self._regs):
                 if jid in table and jid not in alive:  # the Ray job ended: free its reservation
-                    print(f"[raybig-scheduler] {jid} ended ({table[jid][0]})", flush=True)
+                    print(f"[raybig-scheduler] {jid} ended ({table[jid][0].value})", flush=True)
                     self._regs.pop(jid)
                 elif jid not in table and now - self._regs[jid].get("seen", now) > STALE_S:
                     self._regs.pop(jid)  # never showed up in the job table, and went quiet
             if self._recovering:
-                running = [j for j, (s, _) in table.items() if s == "RUNNING" and j in alive]
+                running = [j for j, (s, _) in table.items() if s is JobStatus.RUNNING and j in alive]
                 missing = [j for j in running if j not in self._regs]
                 if missing and time.time() - self._started < RECOVER_S:
                     return
@@ -123,10 +129,10 @@ class RaybigScheduler:
             for jid, md in alive.items():
                 job = job_from_metadata(jid, md)
                 r = self._regs.get(jid)
-                if r and r.get("phase") == "backoff":
+                if r and r.get("phase") is Phase.BACKOFF:
                     continue  # a failed attempt backing off asks for nothing and blocks nobody
                 if r:
-                    job.ready = r.get("phase") == "waiting"
+                    job.ready = r.get("phase") is Phase.WAITING
                     job.admitted = bool(r.get("admitted"))
                 jobs.append(job)
             for jid, r in self._regs.items():  # registered but not yet visible in the table
@@ -138,9 +144,9 @@ class RaybigScheduler:
                 if jid in self._regs:
                     self._regs[jid]["admitted"] = True
             if dec.admit:  # an audit trail in the actor's log: what it saw when it admitted
-                seen = [(j.job_id, j.priority, "ready" if j.ready else "-", "adm" if j.admitted else "-")
-                        for j in jobs]
-                print(f"[raybig-scheduler] admit {dec.admit}; saw {seen}", flush=True)
+                saw = [(j.job_id, j.priority, "ready" if j.ready else "-", "adm" if j.admitted else "-")
+                       for j in jobs]
+                print(f"[raybig-scheduler] admit {dec.admit}; saw {saw}", flush=True)
             self._decision = dec
             self._ticks += 1
             scheduler_observe(jobs, newly)  # Prometheus: queue depth by priority, admissions, waits
@@ -149,11 +155,15 @@ class RaybigScheduler:
 def _job_from_reg(jid: str, r: dict[str, Any]) -> Job:
     j = r["job"]
     return Job(jid, int(j["priority"]), float(j["submitted_at"]), Demand.from_json(j["demand"]),
-               j.get("user", ""), ready=r.get("phase") == "waiting", admitted=bool(r.get("admitted")))
+               j.get("user", ""), ready=r.get("phase") is Phase.WAITING, admitted=bool(r.get("admitted")))
 
 
-def _job_table() -> dict[str, tuple[str, dict[str, str]]]:
-    """submission_id -> (status, metadata) for raybig jobs, from Ray's job table (State API)."""
+def _value(v: Any) -> Any:
+    return getattr(v, "value", v)
+
+
+def _job_table() -> dict[str, tuple[JobStatus, dict[str, str]]]:
+    """submission_id -> (Ray's JobStatus, metadata) for raybig jobs, from Ray's job table (State API)."""
     from ray.util.state import list_jobs
 
     out = {}
@@ -164,8 +174,7 @@ def _job_table() -> dict[str, tuple[str, dict[str, str]]]:
         sid = getattr(j, "submission_id", None)
         md = getattr(j, "metadata", None) or {}
         if sid and is_raybig(md):
-            st = getattr(j, "status", "")
-            out[sid] = (str(getattr(st, "value", st)), md)
+            out[sid] = (JobStatus(_value(getattr(j, "status", "PENDING"))), md)
     return out
 
 
@@ -183,5 +192,6 @@ def get_scheduler() -> Any:
     """The cluster's scheduler actor, created on first use (and re-created after it was removed)."""
     # Pinned to the head node: with num_cpus=0 Ray may otherwise place it on a worker host, whose
     # loss would then also take the queue's decisions down until the actor restarts elsewhere.
-    return RaybigScheduler.options(name=ACTOR_NAME, namespace=NAMESPACE, lifetime="detached",
-                                   get_if_exists=True, resources={"node:__internal_head__": 0.001}).remote()
+    actor: Any = RaybigScheduler  # an ActorClass: @ray.remote adds .options
+    return actor.options(name=ACTOR_NAME, namespace=NAMESPACE, lifetime="detached",
+                         get_if_exists=True, resources={"node:__internal_head__": 0.001}).remote()

@@ -7,20 +7,20 @@ new checkpoint changes the app's args, so Serve rolls replicas over (new ones up
 
 from __future__ import annotations
 
-import os
 import time
 from typing import Any
 
+from raybig.cluster.connect import auth_headers, resolve_address, translate
 from raybig.errors import ServeError
 from raybig.serve.app import DEPLOYMENT, api_key_digest
 from raybig.spec.serve import ServeSpec
 from raybig.train.export import resolve_export
 
 IMPORT_PATH = "raybig.serve.app:build_app"
-STATE_FILE = os.path.expanduser("~/.raybig/serve_local.json")
 
 
 def deployment_options(spec: ServeSpec) -> dict[str, Any]:
+    """Serve deployment options (concurrency, queue, autoscaling, actor resources) from the spec."""
     r = spec.resources
     actor: dict[str, Any] = {"num_cpus": r.num_cpus}
     if r.num_gpus:
@@ -63,44 +63,36 @@ def serve_config(spec: ServeSpec, checkpoint: str | None = None) -> dict[str, An
             "applications": [app_config(spec, checkpoint)]}
 
 
-def dashboard_address(address: str | None = None) -> str:
-    """--address, else RAY_DASHBOARD_ADDRESS, else the local `raybig run` server, else :8265."""
-    import json
-
-    if address:
-        return address if "://" in address else f"http://{address}"
-    if os.environ.get("RAY_DASHBOARD_ADDRESS"):
-        return os.environ["RAY_DASHBOARD_ADDRESS"]
-    try:
-        with open(STATE_FILE) as f:
-            return json.load(f)["dashboard"]
-    except (OSError, ValueError, KeyError):
-        return "http://127.0.0.1:8265"
-
-
 def _client(address: str | None) -> Any:
+    """Serve's REST client for the cluster `raybig.cluster.connect` resolves; ClusterError if unreachable."""
     from ray.dashboard.modules.serve.sdk import ServeSubmissionClient
 
-    addr = dashboard_address(address)
-    token = _ray_token()
+    addr = resolve_address(address)
     # The dashboard wants Ray's token when the cluster has auth on; send it ourselves, since the SDK
     # only adds it when this process was started in token mode.
-    headers = {"Authorization": f"Bearer {token}"} if token else None
     try:
-        return ServeSubmissionClient(addr, headers=headers)
-    except Exception as e:  # connection refused, auth, version: one line for the user
-        raise ServeError(f"cannot reach the Ray dashboard at {addr}: {str(e).splitlines()[0]}") from None
+        return _Translated(ServeSubmissionClient(addr, headers=auth_headers() or None), addr)
+    except Exception as e:  # noqa: BLE001 - connection refused, auth, version: one line for the user
+        raise translate(e, addr) from None
 
 
-def _ray_token() -> str | None:
-    if os.environ.get("RAY_AUTH_TOKEN"):
-        return os.environ["RAY_AUTH_TOKEN"].strip()
-    path = os.environ.get("RAY_AUTH_TOKEN_PATH") or os.path.expanduser("~/.ray/auth_token")
-    try:
-        with open(path) as f:
-            return f.read().strip() or None
-    except OSError:
-        return None
+class _Translated:
+    """Wraps Serve's client so a failed call (unreachable, refused token) is one ClusterError line."""
+
+    def __init__(self, client: Any, url: str):
+        self._client, self.url = client, url
+
+    def __getattr__(self, name: str) -> Any:
+        fn = getattr(self._client, name)
+        if not callable(fn):
+            return fn
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return fn(*args, **kwargs)
+            except Exception as e:  # noqa: BLE001
+                raise translate(e, self.url) from None
+        return call
 
 
 def _current(client: Any) -> dict[str, Any]:

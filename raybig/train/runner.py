@@ -8,34 +8,20 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from typing import Any
 
 from raybig import storage
-from raybig.errors import TrainingFailed
+from raybig.errors import TrainingFailed, UsageError
 from raybig.spec import freeze, spec_hash
 from raybig.spec.models import TrainSpec
+from raybig.train.result import METRICS_FILE, RUN_FILE, TrainResult, dedupe_steps, export_of
 
-METRICS_FILE = "metrics.jsonl"
 SPEC_FILE = "spec.yaml"
 
 
 def run_dir_of(spec: TrainSpec) -> str:
+    """`<storage.path>/<name>`: where a train spec's outputs go."""
     return storage.join(spec.storage.path, spec.name)
-
-
-@dataclass
-class TrainResult:
-    run_dir: str
-    metrics: dict[str, Any]
-    history: list[dict[str, Any]] = field(default_factory=list)
-    checkpoint: str | None = None
-    resumed_from_step: int | None = None
-    export_dir: str | None = None
-
-    def to_json(self) -> dict[str, Any]:
-        return {"run_dir": self.run_dir, "metrics": self.metrics, "checkpoint": self.checkpoint,
-                "export_dir": self.export_dir, "resumed_from_step": self.resumed_from_step}
 
 
 class _RayReporter:
@@ -101,11 +87,7 @@ def build_trainer(spec: TrainSpec, queue: Any = None, resume_from: str | None = 
 
     r = spec.resources
     use_gpu = r.gpus_per_worker > 0
-    per_worker: dict[str, float] = {"CPU": r.cpus_per_worker, **r.custom}
-    if use_gpu:
-        per_worker["GPU"] = r.gpus_per_worker
-    if r.memory_per_worker:
-        per_worker["memory"] = float(r.memory_per_worker)
+    per_worker = spec.worker_bundle()
     spath, sfs = storage.ray_storage(storage_path or spec.storage.path)
     run_name = name or spec.name
     return TorchTrainer(
@@ -115,10 +97,10 @@ def build_trainer(spec: TrainSpec, queue: Any = None, resume_from: str | None = 
                            "run_dir": storage.join(storage_path or spec.storage.path, run_name)},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=r.workers, use_gpu=use_gpu, resources_per_worker=per_worker),
-        run_config=RunConfig(
+        run_config=RunConfig(  # type: ignore[call-arg]  # Train v2's RunConfig (the stubs are v1's)
             name=run_name, storage_path=spath, storage_filesystem=sfs,
             checkpoint_config=CheckpointConfig(num_to_keep=spec.checkpoint.keep),
-            failure_config=FailureConfig(max_failures=spec.checkpoint.max_failures,
+            failure_config=FailureConfig(max_failures=spec.checkpoint.max_failures,  # type: ignore[call-arg]
                                          controller_failure_limit=3),
             worker_runtime_env={"env_vars": worker_env(use_gpu)},
             callbacks=callbacks or [],
@@ -129,20 +111,43 @@ def build_trainer(spec: TrainSpec, queue: Any = None, resume_from: str | None = 
 def write_run_record(spec: TrainSpec, run_dir: str) -> None:
     """The resolved spec beside the outputs (secrets written back as ${VAR})."""
     storage.write_text(f"{run_dir}/{SPEC_FILE}", freeze(spec))
-    storage.write_text(f"{run_dir}/run.json", json.dumps({"name": spec.name, "kind": spec.kind,
+    storage.write_text(f"{run_dir}/{RUN_FILE}", json.dumps({"name": spec.name, "kind": spec.kind,
                                                           "spec_hash": spec_hash(spec)}, indent=2))
 
 
 def run_train(spec: TrainSpec, address: str | None = None, resume_from: str | None = None,
               on_metrics: Callable[[dict[str, Any]], None] | None = None,
-              python_path: list[str] | None = None, verbose: bool = False) -> TrainResult:
-    """Train `spec` on Ray; blocks until done. Raises on failure."""
+              python_path: list[str] | None = None, verbose: bool = False, sample: bool = False) -> TrainResult:
+    """Train `spec` on Ray (embedded unless `address`/RAY_ADDRESS); blocks until done.
+
+    Re-running the same (storage, name) resumes from its latest checkpoint.
+
+    Args:
+        spec: the train spec.
+        address: Ray cluster to attach to; None: RAY_ADDRESS, else an embedded local Ray.
+        resume_from: a checkpoint URI to start from (any fsspec URI).
+        on_metrics: called on the driver with each metrics record rank 0 reports (progress display).
+        python_path: folders added to sys.path on the workers (plug-in models).
+        verbose: show Ray's and the workers' logs.
+        sample: generate `spec.sample`'s text from the export at the end (loads the model here).
+
+    Returns:
+        The run's `TrainResult` (with driver timings and, if `spec.sample` asks, a text sample).
+
+    Raises:
+        UsageError: `resume_from` does not exist (exit 2; nothing was started).
+        TrainingFailed: the run failed and its restarts (`checkpoint.max_failures`) are spent.
+        IncompleteCheckpointError: `resume_from` is a partial checkpoint.
+    """
     import ray
     from ray.train import TrainingFailedError
     from ray.util.queue import Queue
 
     from raybig.cluster.ray_env import ensure_ray
 
+    t0 = time.time()
+    if resume_from and not _exists(resume_from):  # before Ray starts: a typo costs nothing
+        raise UsageError(f"--resume-from {resume_from}: no such checkpoint")
     r = spec.resources
     ensure_ray(address, num_cpus=r.workers * r.cpus_per_worker + 1,
                use_gpu=r.gpus_per_worker > 0, verbose=verbose)
@@ -160,6 +165,7 @@ def run_train(spec: TrainSpec, address: str | None = None, resume_from: str | No
     queue = Queue(maxsize=10_000, actor_options={"num_cpus": 0, "scheduling_strategy": here})
     history: list[dict[str, Any]] = []
     stop = threading.Event()
+    first_step_t: list[float] = []
     metrics_uri = f"{run_dir}/{METRICS_FILE}"
     if storage.exists(metrics_uri):
         history = [json.loads(line) for line in storage.read_text(metrics_uri).splitlines() if line]
@@ -171,6 +177,8 @@ def run_train(spec: TrainSpec, address: str | None = None, resume_from: str | No
             except Exception:
                 continue
             m.pop("_t", None)
+            if not first_step_t and m.get("step", 0) > 0:
+                first_step_t.append(time.time() - t0)
             history.append(m)
             if on_metrics:
                 on_metrics(m)
@@ -194,21 +202,50 @@ def run_train(spec: TrainSpec, address: str | None = None, resume_from: str | No
         with contextlib.suppress(Exception):
             queue.shutdown()
         # Keep the history; a resumed run appends to it.
-        storage.write_text(metrics_uri, "".join(json.dumps(h) + "\n" for h in _dedupe(history)))
+        storage.write_text(metrics_uri, "".join(json.dumps(h) + "\n" for h in dedupe_steps(history)))
     if result.error is not None:
         raise TrainingFailed(_explain_failure(spec, result.error)) from result.error
-    ckpt = result.checkpoint.path if result.checkpoint else None
-    merged: dict[str, Any] = {}
-    for h in _dedupe(history):
-        merged.update(h)
-    export = f"{run_dir}/export" if storage.exists(f"{run_dir}/export/config.json") else None
-    _ = ray
-    return TrainResult(run_dir, merged, _dedupe(history), ckpt, first_step, export)
+    export = export_of(run_dir)
+    res = TrainResult.from_history(
+        spec.name, run_dir, history, checkpoint=result.checkpoint.path if result.checkpoint else None,
+        export_dir=export, resumed_from_step=first_step,
+        seconds_to_first_step=round(first_step_t[0], 1) if first_step_t else None)
+    if sample and export and spec.sample.max_new_tokens > 0:
+        res.sample = sample_text(export, spec)
+    res.seconds = round(time.time() - t0, 1)
+    return res
+
+
+def _exists(uri: str) -> bool:
+    try:
+        return storage.exists(uri)
+    except Exception:  # noqa: BLE001 - e.g. credentials only the workers have: let them try
+        return True
+
+
+def sample_text(export_dir: str, spec: TrainSpec) -> str:
+    """Text generated from the export by `spec.sample` (prompt, max_new_tokens, temperature, seed)."""
+    import torch
+
+    from raybig.tokenizer import decode, encode
+    from raybig.train.export import load_model
+
+    model, _ = load_model(export_dir)
+    generate: Any = getattr(model, "generate", None)  # plug-in models may not generate
+    if generate is None:
+        return ""
+    g = torch.Generator().manual_seed(spec.seed)
+    idx = torch.tensor([encode(spec.sample.prompt)], dtype=torch.long)
+    outp = generate(idx, spec.sample.max_new_tokens, temperature=spec.sample.temperature, generator=g)
+    return decode(outp[0].tolist())
 
 
 def _explain_failure(spec: TrainSpec, err: BaseException) -> str:
-    """One line a user can act on. Ray's own message starts with 'Training failed due to worker
-    errors:' and buries the cause (a dead node, a crashed rank) many lines further down."""
+    """One line a user can act on.
+
+    Ray's own message starts with 'Training failed due to worker errors:' and buries the cause
+    (a dead node, a crashed rank) many lines further down.
+    """
     import re
 
     text = str(err)
@@ -223,11 +260,3 @@ def _explain_failure(spec: TrainSpec, err: BaseException) -> str:
     mf = spec.checkpoint.max_failures
     return (f"training failed and its worker-group restarts are spent (checkpoint.max_failures={mf}): "
             f"{type(err).__name__}: {cause}{where}")[:1000]
-
-
-def _dedupe(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One record per step (a resumed run re-reports steps after its checkpoint); last one wins."""
-    by_step: dict[int, dict[str, Any]] = {}
-    for h in history:
-        by_step.setdefault(h["step"], {}).update(h)
-    return [by_step[s] for s in sorted(by_step)]
