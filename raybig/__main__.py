@@ -1,3 +1,5 @@
+"""`python -m raybig`: the same as the `raybig` command."""
+
 from raybig.cli import main
 
 main()

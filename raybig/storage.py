@@ -12,6 +12,7 @@ _PYARROW_NATIVE = {"s3", "gs", "gcs", "hdfs", "abfs", "abfss"}
 
 
 def is_local(uri: str) -> bool:
+    """True for a plain path or a `file://` URI (no other scheme)."""
     return "://" not in uri or uri.startswith("file://")
 
 
@@ -25,16 +26,22 @@ def normalize(uri: str) -> str:
 
 
 def join(uri: str, *parts: str) -> str:
+    """`uri` normalized, with `parts` appended by `/` (never `os.path.join`: URIs keep their form)."""
     base = normalize(uri)
     return "/".join([base.rstrip("/"), *[p.strip("/") for p in parts]])
 
 
 def fs_for(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The fsspec filesystem for `uri` and the path inside it."""
     fs, path = fsspec.core.url_to_fs(normalize(uri))
     return fs, path
 
 
 def write_text(uri: str, text: str) -> None:
+    """Write `text` to `uri` through a temporary name, so readers never see half a file.
+
+    Parent folders are created. Raises the filesystem's own OSError on failure.
+    """
     fs, path = fs_for(uri)
     parent = path.rsplit("/", 1)[0]
     if parent:
@@ -46,12 +53,14 @@ def write_text(uri: str, text: str) -> None:
 
 
 def read_text(uri: str) -> str:
+    """The whole text of `uri`. Raises FileNotFoundError if it is missing."""
     fs, path = fs_for(uri)
     with fs.open(path, "r") as f:
         return f.read()
 
 
 def exists(uri: str) -> bool:
+    """True if a file or folder exists at `uri`."""
     fs, path = fs_for(uri)
     return fs.exists(path)
 

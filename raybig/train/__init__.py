@@ -1,0 +1,1 @@
+"""Training: the Ray Train driver, the DeepSpeed worker loop, models, checkpoints and exports."""
