@@ -18,8 +18,8 @@ from typing import Any
 import requests
 import torch
 
-from raybig.data.text import encode
 from raybig.model import GPT, GPTConfig
+from raybig.tokenizer import encode
 from raybig.serve.engine import Batch, Row, quantize_int8
 from raybig.spec.models import PRESETS
 from raybig.train.export import load_model, write_export

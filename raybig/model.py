@@ -1,8 +1,9 @@
-"""A GPT decoder in one file, after nanoGPT.
+"""The one GPT, in one file after nanoGPT: training, evaluation and serving all call `GPT.forward`.
 
-Pre-norm blocks, causal self-attention through `scaled_dot_product_attention`,
-tied input/output embeddings, GPT-2 weight init, and a KV cache for generation.
-Shapes: B batch, T time, C channels (n_embd), H heads, D head size.
+Pre-norm blocks, causal self-attention through `scaled_dot_product_attention`, tied input/output
+embeddings, GPT-2 weight init, and a `KVCache` that `forward` grows in place for generation.
+Shapes: B batch, T new tokens, S keys (cached + new), C channels (n_embd), H heads, D head size
+(C // H), V vocabulary.
 """
 
 from __future__ import annotations
@@ -15,22 +16,55 @@ import torch.nn as nn
 from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
-KVCache = list[tuple[torch.Tensor, torch.Tensor]]
+GREEDY_BELOW = 1e-5
+"""Temperatures below this sample greedily (argmax), as vLLM's `_SAMPLING_EPS` does: softmax(z / T)
+is argmax to within float32 there anyway, and `logits / T` would overflow float32 as T nears 0."""
 
 
 @dataclass
 class GPTConfig:
+    """Shape and regularisation of a `GPT`; `to_dict()` is what an export's config.json holds."""
+
     n_layer: int = 4
     n_head: int = 4
     n_embd: int = 128
     block_size: int = 256
+    """Context length: the number of position embeddings (tokens a sequence may hold)."""
     vocab_size: int = 256
     dropout: float = 0.0
     bias: bool = False
     activation_checkpointing: bool = False
+    """Recompute each block in the backward pass (training only; never with a KV cache)."""
 
     def to_dict(self) -> dict:
+        """The fields as a plain JSON-able dict."""
         return asdict(self)
+
+
+class KVCache:
+    """Keys and values of every layer for the positions seen so far; `GPT.forward` appends to it.
+
+    Layer i holds (k, v), each (B, H, S, D) in the model's dtype. S (`length`) is the same for every
+    row: a left-padded row keeps its pad keys here too, and the caller hides them with `key_mask`.
+    """
+
+    def __init__(self) -> None:
+        self.layers: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    @property
+    def length(self) -> int:
+        """S: positions cached so far (0 when empty)."""
+        return self.layers[0][0].size(2) if self.layers else 0
+
+    def update(self, i: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append layer `i`'s new keys/values (B, H, T, D); returns all of them, (B, H, S + T, D)."""
+        if i < len(self.layers):
+            k = torch.cat([self.layers[i][0], k], dim=2)
+            v = torch.cat([self.layers[i][1], v], dim=2)
+            self.layers[i] = (k, v)
+        else:
+            self.layers.append((k, v))
+        return k, v
 
 
 class LayerNorm(nn.Module):
@@ -42,10 +76,13 @@ class LayerNorm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(ndim)) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., C) -> (..., C), normalised over C."""
         return F.layer_norm(x, self.weight.shape, self.weight, self.bias, 1e-5)
 
 
 class CausalSelfAttention(nn.Module):
+    """Multi-head causal self-attention, optionally over a KV cache and a per-row attention mask."""
+
     def __init__(self, cfg: GPTConfig):
         super().__init__()
         self.n_head, self.n_embd = cfg.n_head, cfg.n_embd
@@ -54,29 +91,38 @@ class CausalSelfAttention(nn.Module):
         self.dropout = cfg.dropout
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, cache: tuple[torch.Tensor, torch.Tensor] | None = None,
-                ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, cache: KVCache | None = None,
+                layer: int = 0) -> torch.Tensor:
+        """(B, T, C) -> (B, T, C).
+
+        `mask` (B, 1, T, S) bool, True = may attend, replaces the causal rule when given. Without it:
+        plain causal attention when nothing is cached; with cached keys, each new token sees every
+        cached key and the new tokens up to itself. `cache` gets this call's keys as layer `layer`.
+        """
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
         # (B, T, C) -> (B, H, T, D)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
         if cache is not None:
-            k = torch.cat([cache[0], k], dim=2)
-            v = torch.cat([cache[1], v], dim=2)
+            k, v = cache.update(layer, k, v)  # (B, H, S, D)
         p = self.dropout if self.training else 0.0
-        if cache is None:
+        S = k.size(2)
+        if mask is not None:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
+        elif S == T:  # nothing cached before this call
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p)
         elif T == 1:  # one new token may attend to every cached key
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=p)
         else:  # a block of new tokens on top of a cache: causal within the block
-            S = k.size(2)
-            mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=S - T)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
+            causal = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=S - T)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=causal, dropout_p=p)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, H, T, D) -> (B, T, C)
-        return self.resid_dropout(self.c_proj(y)), (k, v)
+        return self.resid_dropout(self.c_proj(y))
 
 
 class MLP(nn.Module):
+    """Position-wise feed-forward: C -> 4C -> C with tanh-GELU."""
+
     def __init__(self, cfg: GPTConfig):
         super().__init__()
         self.c_fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd, bias=cfg.bias)
@@ -84,10 +130,13 @@ class MLP(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, T, C) -> (B, T, C)."""
         return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
 
 
 class Block(nn.Module):
+    """One pre-norm transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
+
     def __init__(self, cfg: GPTConfig):
         super().__init__()
         self.ln_1 = LayerNorm(cfg.n_embd, cfg.bias)
@@ -95,15 +144,16 @@ class Block(nn.Module):
         self.ln_2 = LayerNorm(cfg.n_embd, cfg.bias)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor, cache: tuple[torch.Tensor, torch.Tensor] | None = None,
-                ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        a, kv = self.attn(self.ln_1(x), cache)
-        x = x + a
-        x = x + self.mlp(self.ln_2(x))
-        return x, kv
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, cache: KVCache | None = None,
+                layer: int = 0) -> torch.Tensor:
+        """(B, T, C) -> (B, T, C); `mask`, `cache`, `layer` as in `CausalSelfAttention.forward`."""
+        x = x + self.attn(self.ln_1(x), mask, cache, layer)
+        return x + self.mlp(self.ln_2(x))
 
 
 class GPT(nn.Module):
+    """GPT-2-style decoder-only language model (nanoGPT's layout, so its weights' names match)."""
+
     # Keys dropped from exported weights because they alias another tensor.
     tied_keys = ("lm_head.weight",)
 
@@ -133,67 +183,113 @@ class GPT(nn.Module):
             nn.init.normal_(m.weight, mean=0.0, std=0.02)
 
     def num_params(self, non_embedding: bool = False) -> int:
+        """Parameters (the tied head counted once); `non_embedding` leaves out the position table."""
         n = sum(p.numel() for p in self.parameters())
         return n - self.wpe.weight.numel() if non_embedding else n
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
-                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """Training/eval forward. Returns mean cross-entropy if `targets` is given, else logits."""
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *,
+                positions: torch.Tensor | None = None, key_mask: torch.Tensor | None = None,
+                cache: KVCache | None = None) -> torch.Tensor:
+        """Logits, or the training loss, for token ids `idx`.
+
+        Args:
+            idx: (B, T) int64 token ids in [0, vocab_size).
+            targets: (B, T) int64 next-token ids. Given: returns the mean cross-entropy (a float32
+                scalar) over all B*T positions; the training contract every raybig model follows.
+            positions: (B, T) int64 absolute positions of `idx`, per row (a left-padded row starts
+                later). Default: cache.length + 0..T-1 for every row. Each must be < block_size.
+            key_mask: (B, S) bool, S = cache.length + T: False hides that key (a pad) from every
+                query. Default: no key hidden. A query whose own key is hidden attends to itself
+                only, so no softmax row is empty.
+            cache: a `KVCache` to attend over and append this call's keys/values to (inference).
+
+        Returns:
+            (B, T, V) logits in the model's dtype; with a `cache`, (B, 1, V) logits of the last
+            position only (all that decoding needs, as nanoGPT does at inference); with `targets`,
+            the loss.
+
+        Raises:
+            AssertionError: positions run past `block_size` (default positions only).
+        """
         B, T = idx.size()
-        assert T <= self.config.block_size, f"sequence of {T} > block_size {self.config.block_size}"
-        pos = torch.arange(T, device=idx.device)
-        x = self.drop(self.wte(idx) + self.wpe(pos))  # (B, T, C)
-        for block in self.h:
-            if self.config.activation_checkpointing and self.training:
-                x = checkpoint(lambda t, b=block: b(t)[0], x, use_reentrant=False)
+        past = cache.length if cache is not None else 0
+        if positions is None:
+            assert past + T <= self.config.block_size, \
+                f"sequence of {past + T} > block_size {self.config.block_size}"
+            positions = torch.arange(past, past + T, device=idx.device)  # (T,), shared by all rows
+        x = self.drop(self.wte(idx) + self.wpe(positions))  # (B, T, C)
+        mask = None
+        if key_mask is not None:
+            S = past + T
+            causal = torch.ones(T, S, dtype=torch.bool, device=idx.device).tril(diagonal=S - T)
+            own = torch.zeros(T, S, dtype=torch.bool, device=idx.device)
+            own.diagonal(offset=S - T).fill_(True)
+            mask = ((causal & key_mask[:, None, :]) | own).view(B, 1, T, S)  # (B, 1, T, S)
+        for i, block in enumerate(self.h):
+            if self.config.activation_checkpointing and self.training and cache is None:
+                x = checkpoint(block, x, mask, use_reentrant=False)
             else:
-                x, _ = block(x)
-        logits = self.lm_head(self.ln_f(x))  # (B, T, vocab)
+                x = block(x, mask, cache, i)
+        if cache is not None:
+            return self.lm_head(self.ln_f(x[:, -1:, :]))  # (B, 1, V)
+        logits = self.lm_head(self.ln_f(x))  # (B, T, V)
         if targets is None:
             return logits
         return F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.view(-1))
 
     @torch.no_grad()
-    def forward_cached(self, idx: torch.Tensor, cache: KVCache | None, start: int,
-                       ) -> tuple[torch.Tensor, KVCache]:
-        """Inference step with a KV cache: `idx` (B, T) are positions start..start+T-1."""
-        T = idx.size(1)
-        pos = torch.arange(start, start + T, device=idx.device)
-        x = self.wte(idx) + self.wpe(pos)
-        new_cache: KVCache = []
-        for i, block in enumerate(self.h):
-            x, kv = block(x, cache[i] if cache is not None else None)
-            new_cache.append(kv)
-        return self.lm_head(self.ln_f(x[:, -1:, :]))[:, -1, :], new_cache  # (B, vocab)
-
-    @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
                  top_p: float = 1.0, generator: torch.Generator | None = None,
                  use_cache: bool = True) -> torch.Tensor:
-        """Sample `max_new_tokens` after `idx` (B, T). temperature 0 = greedy."""
+        """`idx` (B, T) int64 followed by `max_new_tokens` sampled ids: (B, T + max_new_tokens).
+
+        Sampling as `sample_next` (temperature below `GREEDY_BELOW` is greedy). Past `block_size`
+        the window slides: the last block_size tokens are recomputed without the cache.
+        """
         cache: KVCache | None = None
         bs = self.config.block_size
         for _ in range(max_new_tokens):
             if use_cache and cache is not None and idx.size(1) <= bs:
-                logits, cache = self.forward_cached(idx[:, -1:], cache, idx.size(1) - 1)
+                logits = self(idx[:, -1:], cache=cache)
             else:  # prefill, or past the context window: recompute the cropped window
-                logits, fresh = self.forward_cached(idx[:, -bs:], None, 0)
+                fresh = KVCache()
+                logits = self(idx[:, -bs:], cache=fresh)
                 cache = fresh if use_cache and idx.size(1) < bs else None
-            nxt = sample_next(logits, temperature, top_p, generator)
+            nxt = sample_next(logits[:, -1, :], temperature, top_p, generator)
             idx = torch.cat([idx, nxt], dim=1)
         return idx
 
 
-def sample_next(logits: torch.Tensor, temperature: float, top_p: float,
+def is_greedy(temperature: float) -> bool:
+    """Whether `temperature` means argmax: below `GREEDY_BELOW` (0 included), or NaN."""
+    return not temperature >= GREEDY_BELOW
+
+
+def sample_next(logits: torch.Tensor, temperature: float, top_p: float = 1.0,
                 generator: torch.Generator | None = None) -> torch.Tensor:
-    """(B, vocab) logits -> (B, 1) token ids. temperature 0 is argmax."""
+    """(B, V) logits -> (B, 1) int64 token ids, sampled in float32.
+
+    Greedy when `is_greedy(temperature)`. Otherwise softmax(logits / temperature), cut to the
+    smallest set of most likely tokens whose mass reaches `top_p` (the most likely token is always
+    kept, so any top_p > 0 works), and drawn with `generator`. Every finite input gives a valid
+    distribution: if logits / temperature overflows float32 the logits are shifted by their max first.
+
+    Raises:
+        ValueError: the logits are not all finite (a model fault; sampling would be meaningless).
+    """
     logits = logits.float()
-    if temperature <= 0:
+    if is_greedy(temperature):
         return logits.argmax(dim=-1, keepdim=True)
-    probs = F.softmax(logits / temperature, dim=-1)
+    if not bool(torch.isfinite(logits).all()):
+        raise ValueError("the model produced non-finite logits (inf or NaN)")
+    z = logits / temperature
+    if not bool(torch.isfinite(z).all()):  # |logit| / T past float32's range: shift to <= 0 first
+        z = (logits - logits.amax(dim=-1, keepdim=True)) / temperature
+    probs = F.softmax(z, dim=-1)
     if top_p < 1.0:
         sorted_p, sorted_i = probs.sort(dim=-1, descending=True)
         keep = sorted_p.cumsum(dim=-1) - sorted_p < top_p
+        keep[..., 0] = True
         sorted_p = sorted_p * keep
         probs = torch.zeros_like(probs).scatter(-1, sorted_i, sorted_p)
         probs = probs / probs.sum(dim=-1, keepdim=True)
@@ -201,6 +297,10 @@ def sample_next(logits: torch.Tensor, temperature: float, top_p: float,
 
 
 def flops_per_token(cfg: GPTConfig, seq_len: int) -> float:
-    """Training FLOPs per token (forward + backward), PaLM appendix B: 6N + 12·L·H·D·T."""
+    """Training FLOPs per token (forward + backward) at context `seq_len`: 6N + 12·L·C·T.
+
+    N counts the matmul weights (blocks and the tied head; not embeddings' lookups, not norms).
+    Source: PaLM (Chowdhery et al. 2022), appendix B.
+    """
     n = 12 * cfg.n_layer * cfg.n_embd**2 + cfg.vocab_size * cfg.n_embd  # matmul weights (tied head)
     return 6 * n + 12 * cfg.n_layer * cfg.n_embd * seq_len

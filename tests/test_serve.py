@@ -84,8 +84,8 @@ def main_app(ckpt, dash) -> str:
 
 
 def in_process_greedy(ckpt: str, prompt: str, n: int, int8: bool = False) -> str:
-    from raybig.data.text import decode, encode
     from raybig.serve.engine import quantize_int8
+    from raybig.tokenizer import decode, encode
     from raybig.train.export import load_model
 
     model, _ = load_model(ckpt)
@@ -120,6 +120,27 @@ def test_greedy_is_deterministic_and_matches_in_process(main_app, ckpt):
     texts = {client.completions.create(model="t-main", prompt=PROMPT, max_tokens=32, temperature=0)
              .choices[0].text for _ in range(3)}
     assert texts == {in_process_greedy(ckpt, PROMPT, 32)}, texts
+
+
+def test_tiny_temperature_beside_greedy_requests_answers_200_and_leaves_them_unchanged(main_app, ckpt):
+    """Issue 21: temperature 1e-39 overflowed logits / T in float32; the request and every greedy
+    request batched with it got a 500."""
+    auth = {"Authorization": f"Bearer {KEY}"}
+    tiny = {"prompt": PROMPT, "max_tokens": 2, "temperature": 1e-39}
+    greedy = {"prompt": PROMPT, "max_tokens": 16, "temperature": 0}
+    bodies = [tiny, greedy] * 3  # sent together, so they share batches
+
+    def post(body):
+        return requests.post(f"{main_app}/completions", json=body, headers=auth, timeout=60)
+
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        answers = list(pool.map(post, bodies))
+    want = in_process_greedy(ckpt, PROMPT, 16)
+    for body, r in zip(bodies, answers, strict=True):
+        if body is tiny:  # below raybig.model.GREEDY_BELOW: sampled as argmax, so a prefix of `want`
+            assert r.status_code == 200 and want.startswith(r.json()["choices"][0]["text"]), (r.text, want)
+        else:
+            assert r.status_code == 200 and r.json()["choices"][0]["text"] == want, (r.text, want)
 
 
 BAD = [  # (body, headers, status, param)
@@ -165,8 +186,8 @@ def test_overload_gets_503_never_500(ckpt, dash):
 
 
 def test_int8_serves_and_stays_close_to_fp32(ckpt, dash):
-    from raybig.data.text import encode
     from raybig.serve.engine import quantize_int8
+    from raybig.tokenizer import encode
     from raybig.train.export import load_model
 
     url = deploy("t-int8", ckpt, dash, "quantize: int8\n")

@@ -7,12 +7,12 @@ import json
 import pytest
 import torch
 
-from raybig.data.text import decode, encode
 from raybig.model import GPT, GPTConfig
 from raybig.serve.engine import Batch, Row, generate_batch, quantize_int8
 from raybig.serve.schema import ApiError, build_job, parse_request
 from raybig.spec import SpecError, load_spec_text
 from raybig.spec.serve import GenerationSpec
+from raybig.tokenizer import decode, encode
 
 pytestmark = pytest.mark.unit
 

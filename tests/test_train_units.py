@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from raybig.data.text import Batches, decode, encode, read_corpus
-from raybig.model import GPT, GPTConfig, flops_per_token
+from raybig.data.text import Batches, read_corpus
+from raybig.model import GPT, GPTConfig, KVCache, flops_per_token
 from raybig.spec import load_spec_text
+from raybig.tokenizer import BYTE_VOCAB, ByteTokenizer, Tokenizer, decode, encode, get_tokenizer
 from raybig.train.build import build_model, gpt_config
 from raybig.train.ds_config import build_ds_config, resolve_precision
 from raybig.train.memory import count_params, model_state_bytes
@@ -86,9 +87,33 @@ def test_kv_cache_generation_matches_full_recompute():
     a = model.generate(idx, 30, temperature=0.0, use_cache=True)  # runs past block_size: window path too
     b = model.generate(idx, 30, temperature=0.0, use_cache=False)
     assert torch.equal(a, b)
-    logits_full = model(idx)[:, -1, :]
-    logits_cached, _ = model.forward_cached(idx, None, 0)
-    torch.testing.assert_close(logits_full, logits_cached)
+    logits_full = model(idx)  # (B, T, V)
+    cache = KVCache()
+    logits_cached = model(idx[:, :3], cache=cache)  # (B, 1, V): last position only
+    torch.testing.assert_close(logits_full[:, 2:3], logits_cached)
+    for t in range(3, 5):  # one token at a time on top of the cache, positions from cache.length
+        torch.testing.assert_close(logits_full[:, t:t + 1], model(idx[:, t:t + 1], cache=cache))
+    assert cache.length == 5 and cache.layers[0][0].shape == (2, 2, 5, 16)
+
+
+def test_forward_with_positions_and_key_mask_matches_unpadded_rows():
+    """Left-padded rows with their own positions and a key mask give each row's unpadded logits."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=24)).eval()
+    a, b = torch.randint(0, 256, (1, 6)), torch.randint(0, 256, (1, 4))
+    ids = torch.cat([a, torch.cat([torch.zeros(1, 2, dtype=torch.long), b], dim=1)])  # (2, 6)
+    pos = torch.tensor([[0, 1, 2, 3, 4, 5], [0, 0, 0, 1, 2, 3]])
+    km = torch.tensor([[True] * 6, [False, False] + [True] * 4])
+    with torch.no_grad():
+        cache = KVCache()
+        last = model(ids, positions=pos, key_mask=km, cache=cache)[:, -1]
+        torch.testing.assert_close(last[0], model(a)[0, -1])
+        torch.testing.assert_close(last[1], model(b)[0, -1])
+        nxt = torch.tensor([[7], [9]])
+        km = torch.cat([km, torch.ones(2, 1, dtype=torch.bool)], dim=1)
+        step = model(nxt, positions=torch.tensor([[6], [4]]), key_mask=km, cache=cache)[:, -1]
+        torch.testing.assert_close(step[0], model(torch.cat([a, nxt[:1]], 1))[0, -1])
+        torch.testing.assert_close(step[1], model(torch.cat([b, nxt[1:]], 1))[0, -1])
 
 
 def test_forward_loss_near_log_vocab_at_init():
@@ -120,3 +145,9 @@ def test_data_deterministic_and_disjoint():
 
 def test_byte_tokenizer_roundtrip():
     assert decode(encode("héllo ✓")) == "héllo ✓"
+    tok = get_tokenizer("bytes")
+    assert isinstance(tok, Tokenizer) and isinstance(tok, ByteTokenizer)
+    assert tok.vocab_size == BYTE_VOCAB == 256 and tok.name == "bytes"
+    assert tok.encode("\ud800") == [63] and tok.decode([0xFF]) == "\ufffd"  # never raise
+    with pytest.raises(KeyError, match="bytes"):
+        get_tokenizer("bpe")

@@ -13,7 +13,7 @@ import json
 import os
 import time
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, cast
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -23,7 +23,15 @@ from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from raybig.metrics import RequestTimer, serve_batch
-from raybig.serve.schema import ApiError, Job, body_limit, build_job, check_content_type, parse_request
+from raybig.serve.schema import (
+    ApiError,
+    Job,
+    body_limit,
+    build_job,
+    check_content_type,
+    feed_jobs,
+    parse_request,
+)
 from raybig.spec.serve import GenerationSpec
 
 DEPLOYMENT = "Completions"
@@ -50,10 +58,14 @@ api = FastAPI(title="raybig completions")
 
 
 class AsciiJSONResponse(JSONResponse):
-    """JSON with non-ASCII escaped: an error message may quote client text holding lone surrogates
-    ("\\ud800" is valid JSON), which Starlette's UTF-8 encode would turn into a 500."""
+    r"""JSON with non-ASCII escaped.
+
+    An error message may quote client text holding lone surrogates ("\ud800" is valid JSON), which
+    Starlette's UTF-8 encode would turn into a 500.
+    """
 
     def render(self, content: Any) -> bytes:
+        """`content` as ASCII-only JSON bytes; NaN/inf refused (ValueError)."""
         return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode()
 
 
@@ -89,9 +101,19 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
     return _err(ApiError(400, str(exc.errors()[:1])))
 
 
+# Typed Any: serve.batch's stubs describe functions that return lists, not async generators.
+_batched: Any = serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
+
+
 @serve.deployment(name=DEPLOYMENT)
 @serve.ingress(api)
 class Completions:
+    """One replica: the model, the OpenAI routes, and the batch handler that runs every request.
+
+    Args:
+        args: `AppArgs` as a dict (what Serve's declarative config carries).
+    """
+
     def __init__(self, args: dict[str, Any]):
         import torch
 
@@ -128,10 +150,12 @@ class Completions:
 
     @api.get("/health")
     async def health(self) -> dict[str, str]:
+        """Liveness: `{"status": "ok", "model": name}` (no key needed)."""
         return {"status": "ok", "model": self.args.model_name}
 
     @api.get("/v1/models")
     async def models(self, request: Request) -> Any:
+        """OpenAI `GET /v1/models`: the one model served, with its context length; 401 without the key."""
         try:
             self._check_key(request)
         except ApiError as e:
@@ -143,6 +167,11 @@ class Completions:
 
     @api.post("/v1/completions")
     async def completions(self, request: Request) -> Any:
+        """OpenAI `POST /v1/completions`, streamed (server-sent events) or not.
+
+        Client errors are OpenAI-shaped 4xx (`ApiError`); a request whose generation failed gets an
+        OpenAI-shaped 500 (or, once streaming, a final `error` event) while its batch-mates finish.
+        """
         timer = RequestTimer(self.args.model_name)  # Prometheus: requests, latency, TTFT, tokens
         try:
             self._check_key(request)
@@ -157,6 +186,9 @@ class Completions:
             return StreamingResponse(self._sse(job, usage, timer), media_type="text/event-stream")
         async for _ in self._run(job):
             timer.first()
+        if (err := job.error) is not None:  # this request's generation failed; its batch-mates did not
+            timer.done(err.status, job)
+            return _err(err)
         timer.done(200, job)
         return JSONResponse(job.response())
 
@@ -166,6 +198,11 @@ class Completions:
                 if timer is not None:
                     timer.first()
                 yield f"data: {json.dumps(job.chunk(parts))}\n\n"
+        if (err := job.error) is not None:  # the status (200) is sent: end with OpenAI's error event
+            yield f"data: {json.dumps(err.body())}\n\n"
+            if timer is not None:
+                timer.done(err.status, job)
+            return
         if usage:
             yield f"data: {json.dumps({**job.chunk([], usage=True), 'choices': []})}\n\n"
         yield "data: [DONE]\n\n"
@@ -174,33 +211,26 @@ class Completions:
 
     # --- batched generation ---------------------------------------------------------------------
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
+    @_batched  # Serve gathers concurrent `_run(job)` calls into one `_run(jobs)`
     async def _run(self, jobs: list[Job]) -> AsyncIterator[list[Any]]:
-        """All rows of all jobs in one KV-cached batch; yields each job's new text per step."""
+        """All rows of all jobs in one KV-cached batch; yields each job's new text per step.
+
+        A job one of whose rows failed ends at once (`Job.error` says why); the others go on.
+        """
         from raybig.serve.engine import Batch
 
         serve_batch(self.args.model_name, len(jobs))
         batch = Batch(self.model, [r for j in jobs for r in j.rows])
         while not all(j.done for j in jobs):
             toks = await asyncio.to_thread(batch.step)  # the event loop keeps taking requests
-            k = 0
-            out: list[Any] = []
-            for j in jobs:
-                for c in j.choices:
-                    c.feed(toks[k])
-                    k += 1
-                if j.closed:
-                    out.append(StopIteration)
-                    continue
-                out.append(j.parts())
-                j.closed = j.done
-            yield out
+            yield feed_jobs(jobs, toks)
 
 
 def build_app(args: dict[str, Any]) -> serve.Application:
     """App builder for Serve's declarative config (and for `serve.run` in-process)."""
     a = AppArgs.model_validate(args)
-    return Completions.options(**a.deployment).bind(a.model_dump())
+    deployment = cast(serve.Deployment, Completions)  # what @serve.deployment made of the class
+    return deployment.options(**a.deployment).bind(a.model_dump())
 
 
 def api_key_digest(env_name: str | None) -> str | None:

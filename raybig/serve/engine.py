@@ -1,9 +1,13 @@
 """Batched generation with a KV cache for exported raybig models.
 
-Rows of different prompt lengths are left-padded into one (B, T) tensor. Each row keeps its own
-positions (so padding does not shift the absolute position embeddings) and a key mask hides the
-pad keys from every query. With one row and no padding the op sequence is exactly the model's own
-`forward_cached`, so greedy text from a lone request matches `GPT.generate` bit for bit.
+Rows of different prompt lengths are left-padded into one (B, T) tensor and run through the model's
+own `GPT.forward`: each row passes its own positions (so padding does not shift the absolute
+position embeddings) and a key mask hides the pad keys from every query. With one row (or rows
+of one length) nothing is padded and the call is exactly the one `GPT.generate` makes, so greedy
+text from a lone request matches `GPT.generate` bit for bit.
+
+A row is isolated from its batch-mates: an error while sampling it fails that row alone (`Row.error`)
+and the others go on.
 """
 
 from __future__ import annotations
@@ -12,14 +16,18 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
-from torch.nn import functional as F
 
-from raybig.model import GPT, sample_next
+from raybig.errors import first_line
+from raybig.model import GPT, KVCache, is_greedy, sample_next
 
 
 @dataclass
 class Row:
-    """One sequence to extend."""
+    """One sequence to extend: prompt token ids, sampling settings, and what it generated so far.
+
+    `temperature` below `raybig.model.GREEDY_BELOW` is greedy; `top_p` in (0, 1]; `generator` seeds
+    sampling (None: torch's global RNG). `error` is set (and `done`) if generating this row failed.
+    """
 
     prompt: list[int]
     max_new: int
@@ -28,6 +36,11 @@ class Row:
     generator: torch.Generator | None = None
     done: bool = False
     out: list[int] = field(default_factory=list)
+    error: str | None = None
+
+    def fail(self, e: BaseException) -> None:
+        """Stop this row because of `e`; its batch-mates go on."""
+        self.error, self.done = first_line(e), True
 
 
 def quantize_int8(model: nn.Module) -> nn.Module:
@@ -42,6 +55,7 @@ def quantize_int8(model: nn.Module) -> nn.Module:
 
 
 def context_limit(model: nn.Module) -> int | None:
+    """The model's context length in tokens (`config.block_size`), or None if it declares none."""
     cfg = getattr(model, "config", None)
     return getattr(cfg, "block_size", None)
 
@@ -52,30 +66,47 @@ class Batch:
     def __init__(self, model: nn.Module, rows: list[Row]):
         self.model, self.rows = model, rows
         self.cached = _is_gpt(model)
-        self.lens = torch.tensor([len(r.prompt) for r in rows])
-        self.cache: list[tuple[torch.Tensor, torch.Tensor]] | None = None
-        self.ids: torch.Tensor | None = None
+        self.lens = torch.tensor([len(r.prompt) for r in rows])  # (B,) prompt lengths
+        self.cache: KVCache | None = None
+        self.key_mask: torch.Tensor | None = None  # (B, S) bool; None while no row is padded
+        self._last = torch.zeros(len(rows), 1, dtype=torch.long)  # (B, 1) token fed next
         self.t = 0  # decode steps taken
 
     @property
     def all_done(self) -> bool:
+        """Every row finished: stopped, failed, or at its `max_new` tokens."""
         return all(r.done or len(r.out) >= r.max_new for r in self.rows)
 
     @torch.inference_mode()
     def step(self) -> list[int | None]:
-        """Generate one token for every unfinished row; returns it per row (None for finished)."""
-        logits = self._logits()
-        greedy = logits.argmax(dim=-1).tolist()  # one op for every temperature-0 row
+        """Generate one token for every unfinished row; returns it per row (None: finished or failed).
+
+        Never raises for a row's sake: a sampling error fails that row (`Row.error`); an error in the
+        batched forward (which no single row can be blamed for) fails every unfinished row.
+        """
+        try:
+            logits = self._logits()  # (B, V)
+        except Exception as e:  # turned into per-row errors, reported to clients
+            for r in self.rows:
+                if not (r.done or len(r.out) >= r.max_new):
+                    r.fail(e)
+            return [None] * len(self.rows)
+        greedy = logits.argmax(dim=-1).tolist()  # one op for every greedy row
         toks: list[int | None] = []
         for i, r in enumerate(self.rows):
             if r.done or len(r.out) >= r.max_new:
                 r.done = True
                 toks.append(None)
                 continue
-            if r.temperature <= 0:
-                tok = greedy[i]
-            else:
-                tok = int(sample_next(logits[i:i + 1], r.temperature, r.top_p, r.generator)[0, 0])
+            try:
+                if is_greedy(r.temperature):
+                    tok = greedy[i]
+                else:
+                    tok = int(sample_next(logits[i:i + 1], r.temperature, r.top_p, r.generator)[0, 0])
+            except Exception as e:  # this row alone fails
+                r.fail(e)
+                toks.append(None)
+                continue
             r.out.append(tok)
             toks.append(tok)
         self._last = torch.tensor([(r.out[-1] if r.out else 0) for r in self.rows]).view(-1, 1)
@@ -103,79 +134,37 @@ class Batch:
         return torch.cat(out, dim=0)
 
     def _prefill(self) -> torch.Tensor:
-        m: GPT = self.model  # type: ignore[assignment]
         B, T = len(self.rows), int(self.lens.max())
-        pad = T - self.lens  # (B,)
+        pad = T - self.lens  # (B,) left padding per row
         ids = torch.zeros(B, T, dtype=torch.long)
         for i, r in enumerate(self.rows):
             ids[i, int(pad[i]):] = torch.tensor(r.prompt)
-        self.padded = bool(pad.any())
+        self.cache = KVCache()
+        if not bool(pad.any()):  # the call GPT.generate makes
+            return self.model(ids, cache=self.cache)[:, -1, :]
         ar = torch.arange(T)
-        pos = (ar.view(1, T) - pad.view(B, 1)).clamp(min=0)  # (B, T) per-row positions
-        self.key_valid = ar.view(1, T) >= pad.view(B, 1)  # (B, S) pad keys are invalid
-        mask = None
-        if self.padded:
-            causal = torch.ones(T, T, dtype=torch.bool).tril()
-            # Pad queries attend to themselves only, so no row of the softmax is empty (no NaNs).
-            own = torch.eye(T, dtype=torch.bool)
-            mask = (causal & self.key_valid.view(B, 1, T)) | own  # (B, T, S)
-            mask = mask.view(B, 1, T, T)
-        x = m.wte(ids) + (m.wpe(pos) if self.padded else m.wpe(ar))
-        self.cache = []
-        for block in m.h:
-            x, kv = _block(block, x, None, mask, causal=not self.padded)
-            self.cache.append(kv)
-        return m.lm_head(m.ln_f(x[:, -1:, :]))[:, -1, :]
+        pos = (ar.view(1, T) - pad.view(B, 1)).clamp(min=0)  # (B, T); pads sit at position 0
+        self.key_mask = ar.view(1, T) >= pad.view(B, 1)  # (B, T) pad keys are False
+        return self.model(ids, positions=pos, key_mask=self.key_mask, cache=self.cache)[:, -1, :]
 
     def _decode(self) -> torch.Tensor:
-        m: GPT = self.model  # type: ignore[assignment]
+        if self.key_mask is None:
+            return self.model(self._last, cache=self.cache)[:, -1, :]
         B = len(self.rows)
-        pos = self.lens + self.t - 1  # position of the token being fed
-        x = m.wte(self._last)
-        x = x + (m.wpe(pos).view(B, 1, -1) if self.padded else m.wpe(pos[:1]))
-        mask = None
-        if self.padded:
-            self.key_valid = torch.cat([self.key_valid, torch.ones(B, 1, dtype=torch.bool)], dim=1)
-            mask = self.key_valid.view(B, 1, 1, -1)
-        new = []
-        for i, block in enumerate(m.h):
-            x, kv = _block(block, x, self.cache[i], mask, causal=False)
-            new.append(kv)
-        self.cache = new
-        return m.lm_head(m.ln_f(x))[:, -1, :]
+        pos = (self.lens + self.t - 1).view(B, 1)  # (B, 1) position of the token being fed
+        self.key_mask = torch.cat([self.key_mask, torch.ones(B, 1, dtype=torch.bool)], dim=1)
+        return self.model(self._last, positions=pos, key_mask=self.key_mask, cache=self.cache)[:, -1, :]
 
 
 def _is_gpt(model: nn.Module) -> bool:
     return isinstance(model, GPT) or type(model).__name__ == "GPT" and hasattr(model, "h")
 
 
-def _block(block: nn.Module, x: torch.Tensor, cache: tuple[torch.Tensor, torch.Tensor] | None,
-           mask: torch.Tensor | None, causal: bool) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-    a, kv = _attn(block.attn, block.ln_1(x), cache, mask, causal)
-    x = x + a
-    x = x + block.mlp(block.ln_2(x))
-    return x, kv
-
-
-def _attn(attn: nn.Module, x: torch.Tensor, cache: tuple[torch.Tensor, torch.Tensor] | None,
-          mask: torch.Tensor | None, causal: bool) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-    # Same op order as CausalSelfAttention.forward, plus an optional per-row mask.
-    B, T, C = x.size()
-    q, k, v = attn.c_attn(x).split(attn.n_embd, dim=2)
-    q, k, v = (t.view(B, T, attn.n_head, C // attn.n_head).transpose(1, 2) for t in (q, k, v))
-    if cache is not None:
-        k = torch.cat([cache[0], k], dim=2)
-        v = torch.cat([cache[1], v], dim=2)
-    if mask is not None:
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    else:
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=causal and cache is None)
-    y = y.transpose(1, 2).contiguous().view(B, T, C)
-    return attn.c_proj(y), (k, v)
-
-
 def generate_batch(model: nn.Module, rows: list[Row]) -> list[list[int]]:
-    """Run rows to completion (no stop strings); returns the new tokens per row."""
+    """Run rows to completion (no stop strings); returns the new tokens per row.
+
+    A failed row's tokens stop where it failed (see `Row.error`).
+    """
     b = Batch(model, rows)
     while not b.all_done:
         b.step()

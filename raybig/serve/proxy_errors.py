@@ -11,8 +11,8 @@ shape them.
   `data: {"error": ...}` event, which the `openai` client raises as an APIError.
 
 Serve loads proxy middlewares from the import path in `RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH`,
-read by the proxy process; `PROXY_CALLBACK_ENV` is set for the clusters raybig starts itself
-(`raybig.cluster.ray_env.ensure_ray`, `raybig.cluster.local`). On other clusters put it in the
+read by the proxy process, to `raybig.serve.proxy_errors:middlewares` for the clusters raybig starts
+itself (`raybig.cluster.ray_env.ensure_ray`, `raybig.cluster.local`). On other clusters put it in the
 environment of `ray start`. Health routes (`/-/...`) and every other response pass through as is.
 """
 
@@ -21,15 +21,16 @@ from __future__ import annotations
 import json
 from typing import Any
 
-PROXY_CALLBACK_ENV = "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"
-PROXY_CALLBACK = "raybig.serve.proxy_errors:middlewares"
 RETRY_AFTER_S = 1
 
 Message = dict[str, Any]
 
 
 def error_body(message: str, code: str) -> bytes:
-    # Same shape as raybig.serve.schema.ApiError (not imported: the proxy needs no torch/pydantic).
+    """An OpenAI error body (JSON bytes) of type `service_unavailable_error` with `code`.
+
+    Same shape as `raybig.serve.schema.ApiError.body()`, not imported: the proxy needs no torch/pydantic.
+    """
     return json.dumps({"error": {"message": message, "type": "service_unavailable_error",
                                  "param": None, "code": code}}).encode()
 
@@ -51,13 +52,17 @@ DIED = ("The model replica handling this request stopped before answering (Serve
 
 
 class OpenAIErrorMiddleware:
-    """Pure ASGI: rewrites Serve's own plain-text 503s, turns "no response at all" into a 503, and
-    ends an event stream cut off by a dead replica with an OpenAI `error` event (not a torn stream)."""
+    """Pure ASGI middleware that gives the proxy's own failures OpenAI-shaped bodies.
+
+    It rewrites Serve's plain-text 503s, turns "no response at all" into a 503, and ends an event
+    stream cut off by a dead replica with an OpenAI `error` event (not a torn stream).
+    """
 
     def __init__(self, app: Any) -> None:
         self.app = app
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        """ASGI entry point: pass the request to the app, reshaping its response as above."""
         if scope.get("type") != "http" or str(scope.get("path", "")).startswith("/-/"):
             await self.app(scope, receive, send)
             return

@@ -16,8 +16,9 @@ from typing import Any
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from raybig.data.text import encode
+from raybig.model import is_greedy
 from raybig.serve.engine import Row
+from raybig.tokenizer import encode
 
 
 class ApiError(Exception):
@@ -29,6 +30,7 @@ class ApiError(Exception):
         self.status, self.message, self.param, self.type, self.code = status, message, param, type_, code
 
     def body(self) -> dict[str, Any]:
+        """`{"error": {"message", "type", "param", "code"}}`, as OpenAI answers."""
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
@@ -53,8 +55,11 @@ class CompletionRequest(BaseModel):
 
 
 def check_content_type(content_type: str | None) -> None:
-    """JSON or nothing. Refusing text/plain and form types also keeps a browser page from posting
-    here cross-site without a CORS preflight."""
+    """Refuse (415) any Content-Type but JSON or none.
+
+    Refusing text/plain and form types also keeps a browser page from posting here cross-site
+    without a CORS preflight.
+    """
     if not content_type:
         return
     media = content_type.split(";", 1)[0].strip().lower()
@@ -64,12 +69,16 @@ def check_content_type(content_type: str | None) -> None:
 
 
 def body_limit(gen: Any) -> int:
-    """Most request bytes worth reading: every prompt at its token limit, JSON-escaped (up to 6 bytes
-    per byte-token, as \\u00XX), plus 1 MiB for everything else."""
+    r"""Most request bytes worth reading.
+
+    Every prompt at its token limit, JSON-escaped (up to 6 bytes per byte-token, as \u00XX), plus
+    1 MiB for everything else.
+    """
     return 6 * gen.max_prompt_tokens * gen.max_prompts + 2**20
 
 
 def parse_request(raw: bytes) -> CompletionRequest:
+    """The request body as a `CompletionRequest`; raises `ApiError` 400 naming the bad field."""
     try:
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as e:
@@ -105,7 +114,11 @@ class Choice:
     _dec: Any = field(default_factory=lambda: codecs.getincrementaldecoder("utf-8")(errors="replace"))
 
     def feed(self, tok: int | None) -> None:
+        """Take the row's new token (None: the row finished or failed) and update text and finish."""
         if self.finish_reason is not None:
+            return
+        if tok is None and self.row.error is not None:
+            self.finish_reason = "error"
             return
         if tok is not None:
             self.text += self._dec.decode(bytes([tok]))
@@ -140,18 +153,38 @@ class Job:
 
     @property
     def rows(self) -> list[Row]:
+        """The engine rows of this request, in choice order."""
         return [c.row for c in self.choices]
 
     @property
     def done(self) -> bool:
+        """Every choice has a finish_reason."""
         return all(c.finish_reason is not None for c in self.choices)
 
+    @property
+    def error(self) -> ApiError | None:
+        """The OpenAI-shaped 500 to answer with if generating any row of this request failed."""
+        msg = next((c.row.error for c in self.choices if c.row.error is not None), None)
+        if msg is None:
+            return None
+        return ApiError(500, f"Generating this completion failed: {msg}", type_="server_error",
+                        code="generation_failed")
+
+    def abort(self) -> None:
+        """Stop every row of this request: one failed, so the request fails as a whole."""
+        for c in self.choices:
+            c.row.done = True
+            if c.finish_reason is None:
+                c.finish_reason = "error"
+
     def usage(self) -> dict[str, int]:
+        """OpenAI `usage`: prompt, completion and total token counts."""
         comp = sum(len(c.row.out) for c in self.choices)
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": comp,
                 "total_tokens": self.prompt_tokens + comp}
 
     def response(self) -> dict[str, Any]:
+        """The whole non-streamed `text_completion` body."""
         return {"id": self.id, "object": "text_completion", "created": self.created, "model": self.model,
                 "choices": [{"text": c.text, "index": c.index, "logprobs": None,
                              "finish_reason": c.finish_reason} for c in self.choices],
@@ -169,11 +202,38 @@ class Job:
         return parts
 
     def chunk(self, parts: list[tuple[int, str, str | None]], usage: bool = False) -> dict[str, Any]:
+        """One streamed `text_completion` event holding `parts` (and `usage` if asked)."""
         d = {"id": self.id, "object": "text_completion", "created": self.created, "model": self.model,
              "choices": [{"text": t, "index": i, "logprobs": None, "finish_reason": f} for i, t, f in parts]}
         if usage:
             d["usage"] = self.usage()
         return d
+
+
+def feed_jobs(jobs: list[Job], toks: list[int | None]) -> list[Any]:
+    """Hand one `Batch.step()`'s tokens (one per row, rows in job order) to their jobs.
+
+    Returns, per job, its new `parts()` or `StopIteration` once it has ended (what the Serve batch
+    handler yields). A job one of whose rows failed is aborted and ended at once; `job.error` then
+    holds its OpenAI-shaped error. Its batch-mates are untouched.
+    """
+    k = 0
+    out: list[Any] = []
+    for j in jobs:
+        for c in j.choices:
+            c.feed(toks[k])
+            k += 1
+        if j.closed:
+            out.append(StopIteration)
+            continue
+        if j.error is not None:
+            j.abort()
+            j.closed = True
+            out.append(StopIteration)
+            continue
+        out.append(j.parts())
+        j.closed = j.done
+    return out
 
 
 def build_job(req: CompletionRequest, model_name: str, gen: Any, context: int | None) -> Job:
@@ -212,7 +272,7 @@ def build_job(req: CompletionRequest, model_name: str, gen: Any, context: int | 
                            code="context_length_exceeded")
         for j in range(req.n):
             g = None
-            if req.seed is not None and temp > 0:
+            if req.seed is not None and not is_greedy(temp):
                 g = torch.Generator().manual_seed((req.seed + p * req.n + j) % 2**63)
             row = Row(list(toks), max_tokens, temp, top_p, g)
             choices.append(Choice(p * req.n + j, row, stop))

@@ -89,19 +89,6 @@ def _rel(root: str, name: str) -> str:
     return name[len(root):].lstrip("/") if name.startswith(root) else name
 
 
-def registered_checkpoints(run_dir: str) -> list[str]:
-    """The checkpoint folders Ray Train registered for this run (oldest first); [] if none yet."""
-    snap = storage.join(run_dir, SNAPSHOT)
-    if not storage.exists(snap):
-        return []
-    state = json.loads(storage.read_text(snap))
-    names = [r["checkpoint_dir_name"] for r in state.get("checkpoint_results", [])]
-    latest = (state.get("latest_checkpoint_result") or {}).get("checkpoint_dir_name")
-    if latest and latest not in names:
-        names.append(latest)
-    return [storage.join(run_dir, n) for n in names]
-
-
 def latest_checkpoint(run_dir: str) -> str | None:
     """The checkpoint a re-run of this run resumes from: the newest Ray registered (None: start over)."""
     snap = storage.join(run_dir, SNAPSHOT)

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from raybig import storage
+from raybig.tokenizer import BYTES
 
 EXPORT_DIR = "export"
 WEIGHTS = "model.safetensors"
@@ -36,7 +37,7 @@ def write_export(run_dir: str, state_dict: dict[str, torch.Tensor], model_cfg: d
     with fs.open(f"{path}/{WEIGHTS}.tmp", "wb") as f:
         f.write(blob)
     fs.mv(f"{path}/{WEIGHTS}.tmp", f"{path}/{WEIGHTS}")
-    meta = {"model": model_cfg, "tokenizer": "bytes", "precision": precision, "name": name,
+    meta = {"model": model_cfg, "tokenizer": BYTES.name, "precision": precision, "name": name,
             "tied": list(tied)}
     storage.write_text(f"{out}/{CONFIG}", json.dumps(meta, indent=2))
     return out
@@ -53,6 +54,7 @@ def resolve_export(uri: str) -> str:
 
 
 def read_export(uri: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(weights, config.json) of the export at `uri` (a run or export dir); FileNotFoundError if none."""
     from safetensors.torch import load
 
     ex = resolve_export(uri)
@@ -63,9 +65,12 @@ def read_export(uri: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
 
 
 def deepspeed_safe_globals() -> list[Any]:
-    """The plain-data classes DeepSpeed pickles into its checkpoints (found by scanning ZeRO 0-3,
-    offload and resumed checkpoints with torch.serialization.get_unsafe_globals_in_checkpoint).
-    Unpickling them only sets attributes; no code of the checkpoint's choosing runs."""
+    """The plain-data classes DeepSpeed pickles into its checkpoints.
+
+    Found by scanning ZeRO 0-3, offload and resumed checkpoints with
+    torch.serialization.get_unsafe_globals_in_checkpoint. Unpickling them only sets attributes; no
+    code of the checkpoint's choosing runs.
+    """
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address
@@ -79,7 +84,8 @@ def weights_only_loads() -> Iterator[None]:
 
     DeepSpeed's checkpoint readers pass weights_only=False, which would execute any pickled code in a
     checkpoint file; raybig loads checkpoints it did not write (init_from, --resume-from), so it
-    overrides them. A file that needs another global fails with torch's UnpicklingError."""
+    overrides them. A file that needs another global fails with torch's UnpicklingError.
+    """
     original = torch.load
 
     def load(*args: Any, **kwargs: Any) -> Any:
