@@ -7,6 +7,7 @@ import getpass
 import json
 import os
 import pathlib
+import re
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
@@ -110,9 +111,15 @@ def entrypoint(python: str | None) -> str:
 
 def submit(spec: Any, spec_dir: str, address: str | None = None, python: str | None = None,
            user: str | None = None, retries: int = 8) -> tuple[str, str]:
-    """Submit a validated spec; returns (job id, cluster URL)."""
-    from raybig.spec import freeze, spec_hash
+    """Submit a validated spec; returns (job id, cluster URL).
 
+    Relative local paths in the spec are made absolute against this process's working directory
+    first (`raybig.spec.paths_resolve`): on the cluster they would name the job's own folder.
+    """
+    from raybig.spec import freeze, spec_hash
+    from raybig.spec.paths_resolve import resolve_paths
+
+    spec, _ = resolve_paths(spec)
     client, url = connect(address)
     now = time.time()
     user = user or os.environ.get("RAYBIG_USER") or getpass.getuser()
@@ -191,12 +198,21 @@ def _status(d: Any) -> JobStatus:
     return JobStatus(getattr(d.status, "value", d.status))
 
 
-def _view(client: Any, url: str, d: Any, with_logs: bool) -> JobView:
+_EXC_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt)(\([\w.]+\))?: ")
+LOG_FETCHES = int(os.environ.get("RAYBIG_LOG_FETCHES", "16"))  # concurrent get_job_logs calls at most
+
+
+def _view(client: Any, url: str, d: Any, with_logs: bool, logs: str | None = None) -> JobView:
     md = d.metadata or {}
     status = _status(d)
     holder = None
-    if with_logs:
-        holder = last_state(call(url, client.get_job_logs, d.submission_id))
+    if logs is None and with_logs:
+        logs = call(url, client.get_job_logs, d.submission_id)
+    if logs is not None:
+        holder = last_state(logs)
+    elif status is JobStatus.FAILED and is_raybig(md) and d.message:
+        # Ray's message for a failed job ends with the last lines of its log (the holder's FAILED line).
+        holder = last_state(d.message)
     v = JobView(job_id=d.submission_id or d.job_id, name=md.get("raybig_name", d.entrypoint[:40]),
                 state=_state_of(status, holder), priority=int(md.get("raybig_priority", "0")),
                 submitted_at=float(md.get("raybig_submitted_at", (d.start_time or 0) / 1000)),
@@ -208,9 +224,25 @@ def _view(client: Any, url: str, d: Any, with_logs: bool) -> JobView:
         v.metrics = holder.get("metrics", {})
         if v.state is JobState.SUCCEEDED and isinstance(holder.get("result"), dict):
             v.result = holder["result"]
+    if holder and v.state in _WAITING and holder.get("position"):
+        v.position = holder["position"]  # the scheduler's own position (list_views recomputes it)
     if status is JobStatus.FAILED and not v.error and d.message:
-        v.error = d.message.strip().partition("\n")[0][:300]  # Ray's message, not an exception
+        # Ray's message ("Job entrypoint command failed ..., last available logs") ends with the log
+        # tail: its last exception line (a holder that died before its FAILED line), else Ray's line.
+        tail = [ln.strip() for ln in d.message.splitlines()[1:] if _EXC_LINE.match(ln)]
+        v.error = (tail[-1] if tail else d.message.strip().partition("\n")[0])[:300]
     return v
+
+
+def _logs_of(client: Any, url: str, job_ids: list[str]) -> dict[str, str]:
+    """Each job's log text, fetched concurrently (at most LOG_FETCHES calls in flight)."""
+    if not job_ids:
+        return {}
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=max(1, min(LOG_FETCHES, len(job_ids)))) as pool:
+        texts = pool.map(lambda j: call(url, client.get_job_logs, j), job_ids)
+        return dict(zip(job_ids, texts, strict=True))
 
 
 def list_views(address: str | None = None, include_all: bool = False) -> list[JobView]:
@@ -221,14 +253,18 @@ def list_views(address: str | None = None, include_all: bool = False) -> list[Jo
     """
     client, url = connect(address)
     jobs = call(url, client.list_jobs)
-    views = []
+    shown = []
     for d in jobs:
         if not d.submission_id or (not include_all and not is_raybig(d.metadata)):
             continue
-        status = _status(d)
-        if not include_all and status.is_terminal():
+        if not include_all and _status(d).is_terminal():
             continue
-        views.append(_view(client, url, d, with_logs=is_raybig(d.metadata) and status is JobStatus.RUNNING))
+        shown.append(d)
+    # Only a raybig job Ray runs needs its log read (its holder says queued, running or retrying);
+    # pending and ended jobs are known from the job table (a failed one's cause from Ray's message).
+    need = [d.submission_id for d in shown if is_raybig(d.metadata) and _status(d) is JobStatus.RUNNING]
+    logs = _logs_of(client, url, need)
+    views = [_view(client, url, d, with_logs=False, logs=logs.get(d.submission_id)) for d in shown]
     return _with_positions(views)
 
 
@@ -256,7 +292,7 @@ def get_view(job_id: str, address: str | None = None) -> JobView:
     client, url = connect(address)
     d = call(url, client.get_job_info, job_id)
     v = _view(client, url, d, with_logs=True)
-    if v.state in _WAITING:
+    if v.state in _WAITING and v.position is None:  # no holder line yet: place it by the job table
         for other in list_views(address):
             if other.job_id == job_id:
                 v.position = other.position

@@ -20,6 +20,7 @@ import json
 import os
 import threading
 import time
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import ray
@@ -32,6 +33,7 @@ from raybig.scheduler.policy import Decision, Demand, Job, Node, decide
 TICK_S = float(os.environ.get("RAYBIG_SCHED_TICK_S", "0.5"))
 RECOVER_S = float(os.environ.get("RAYBIG_SCHED_RECOVER_S", "20"))
 STALE_S = 15.0
+ALIVE_LIMIT = int(os.environ.get("RAY_MAX_LIMIT_FROM_API_SERVER", "10000"))  # the State API's row cap
 
 
 def _quotas() -> dict[str, dict[str, float]]:
@@ -39,20 +41,42 @@ def _quotas() -> dict[str, dict[str, float]]:
     return json.loads(raw) if raw else {}
 
 
-@ray.remote(num_cpus=0, max_restarts=-1, max_concurrency=32)  # type: ignore[call-overload]
-class RaybigScheduler:
-    """The cluster's one scheduler actor: admits queued jobs by policy (see the module docstring)."""
-    def __init__(self) -> None:
+JobTable = dict[str, tuple[JobStatus, dict[str, str]]]
+
+
+class SchedulerCore:
+    """The scheduler's state and its tick, without Ray (the actor below wraps it; tests drive it).
+
+    Per tick, work beyond the policy's own pass is proportional to what changed: a job's metadata is
+    parsed once (cached by job id and metadata hash), only jobs that vanished from the alive listing
+    have their status looked up, and the audit line names only jobs whose state changed.
+
+    Args:
+        list_alive: job id -> (status, metadata) of every raybig job Ray has not ended.
+        lookup: job id -> (status, metadata) for the given ids (ended ones included); ids Ray does
+            not know are left out.
+        nodes: the cluster's nodes now.
+        quotas: per-user resource quotas.
+        log: where audit lines go (default: print to the actor's log).
+    """
+
+    def __init__(self, list_alive: Callable[[], JobTable], lookup: Callable[[Iterable[str]], JobTable],
+                 nodes: Callable[[], list[Node]], quotas: Callable[[], dict[str, dict[str, float]]] = _quotas,
+                 log: Callable[[str], None] | None = None) -> None:
+        self._list_alive, self._lookup, self._nodes, self._quotas_fn = list_alive, lookup, nodes, quotas
+        self._log = log or (lambda line: print(line, flush=True))
         self._lock = threading.Lock()
         self._regs: dict[str, dict[str, Any]] = {}  # job_id -> {phase, admitted, job, seen}
         self._done: set[str] = set()  # released, but Ray still shows the job RUNNING while it exits
         self._known: dict[str, tuple[dict[str, str], float]] = {}  # alive jobs -> (metadata, last seen)
+        self._parsed: dict[str, tuple[int, Job]] = {}  # job id -> (metadata hash, Job from it)
+        self._audited: dict[str, tuple[int, bool, bool]] = {}  # job id -> what the last audit line saw
         self._decision = Decision()
         self._started = time.time()
         self._recovering = True
         self._ticks = 0
         self._last_error = ""
-        threading.Thread(target=self._loop, daemon=True).start()
+        self.parses = 0  # metadata parses so far (tests check they follow changes, not the table size)
 
     # --- called by holders ------------------------------------------------------------------
     def heartbeat(self, job_id: str, phase: Phase, job: dict[str, Any]) -> dict[str, Any]:
@@ -83,22 +107,34 @@ class RaybigScheduler:
                     "ticks": self._ticks, "recovering": self._recovering, "started": self._started,
                     "pid": os.getpid(), "last_error": self._last_error}
 
-    # --- the loop -----------------------------------------------------------------------------
-    def _loop(self) -> None:
-        while True:
-            try:
-                self.tick()
-            except Exception as e:  # noqa: BLE001 - a bad tick must not kill the scheduler
-                self._last_error = f"{type(e).__name__}: {e}"
-            time.sleep(TICK_S)
+    # --- the tick -----------------------------------------------------------------------------
+    def _table(self) -> JobTable:
+        """Alive jobs, plus the status of jobs this actor tracks that are no longer listed alive."""
+        table = dict(self._list_alive())
+        missing = [j for j in {*self._regs, *self._known, *self._done} if j not in table]
+        if missing:
+            table.update(self._lookup(missing))
+        return table
+
+    def _job(self, jid: str, md: dict[str, str]) -> Job:
+        """The policy's `Job` for a table entry: parsed once per (job id, metadata), then copied."""
+        # The fields job_from_metadata reads (Ray never changes a job's metadata; a new job is a new id).
+        h = hash((md.get("raybig_priority"), md.get("raybig_submitted_at"), md.get("raybig_demand"),
+                  md.get("raybig_user")))
+        hit = self._parsed.get(jid)
+        if hit is None or hit[0] != h:
+            self.parses += 1
+            hit = self._parsed[jid] = (h, job_from_metadata(jid, md))
+        j = hit[1]  # a fresh copy: ready/admitted are set on it per tick
+        return Job(j.job_id, j.priority, j.submitted_at, j.demand, j.user, ready=False)
 
     def tick(self) -> None:
         """One scheduling round: read the job table, drop ended jobs, decide admissions."""
-        table = _job_table()
+        table = self._table()
         with self._lock:
             alive = {jid: md for jid, (status, md) in table.items()
                      if not status.is_terminal() and jid not in self._done}
-            self._done &= {jid for jid, (status, _) in table.items() if not status.is_terminal()}
+            self._done = {jid for jid in self._done if jid in table and not table[jid][0].is_terminal()}
             now = time.time()
             # A job once seen alive stays known until the table shows it ended: one incomplete read
             # of the table must not let a later job jump ahead of it.
@@ -111,11 +147,14 @@ class RaybigScheduler:
                     if now - seen > STALE_S * 4:
                         self._known.pop(jid)
                     else:
-                        print(f"[raybig-scheduler] {jid} missing from the job table; kept", flush=True)
+                        self._log(f"[raybig-scheduler] {jid} missing from the job table; kept")
                         alive[jid] = md
+            for jid in list(self._parsed):
+                if jid not in alive:
+                    self._parsed.pop(jid)
             for jid in list(self._regs):
                 if jid in table and jid not in alive:  # the Ray job ended: free its reservation
-                    print(f"[raybig-scheduler] {jid} ended ({table[jid][0].value})", flush=True)
+                    self._log(f"[raybig-scheduler] {jid} ended ({table[jid][0].value})")
                     self._regs.pop(jid)
                 elif jid not in table and now - self._regs[jid].get("seen", now) > STALE_S:
                     self._regs.pop(jid)  # never showed up in the job table, and went quiet
@@ -127,7 +166,7 @@ class RaybigScheduler:
                 self._recovering = False
             jobs = []
             for jid, md in alive.items():
-                job = job_from_metadata(jid, md)
+                job = self._job(jid, md)
                 r = self._regs.get(jid)
                 if r and r.get("phase") is Phase.BACKOFF:
                     continue  # a failed attempt backing off asks for nothing and blocks nobody
@@ -138,18 +177,43 @@ class RaybigScheduler:
             for jid, r in self._regs.items():  # registered but not yet visible in the table
                 if jid not in alive and jid not in table and r.get("job"):
                     jobs.append(_job_from_reg(jid, r))
-            dec = decide(jobs, _nodes(), _quotas())
+            dec = decide(jobs, self._nodes(), self._quotas_fn())
             newly = [jid for jid in dec.admit if jid in self._regs and not self._regs[jid].get("admitted")]
             for jid in dec.admit:
                 if jid in self._regs:
                     self._regs[jid]["admitted"] = True
-            if dec.admit:  # an audit trail in the actor's log: what it saw when it admitted
-                saw = [(j.job_id, j.priority, "ready" if j.ready else "-", "adm" if j.admitted else "-")
-                       for j in jobs]
-                print(f"[raybig-scheduler] admit {dec.admit}; saw {saw}", flush=True)
+            if dec.admit:  # an audit trail in the actor's log: what changed since the last admission
+                self._audit(dec.admit, jobs)
             self._decision = dec
             self._ticks += 1
             scheduler_observe(jobs, newly)  # Prometheus: queue depth by priority, admissions, waits
+
+    def _audit(self, admit: list[str], jobs: list[Job]) -> None:
+        """Log the admissions with the jobs whose (priority, ready, admitted) changed since the last one."""
+        seen = {j.job_id: (j.priority, j.ready, j.admitted) for j in jobs}
+        changed = [(jid, *v) for jid, v in seen.items() if self._audited.get(jid) != v]
+        gone = [jid for jid in self._audited if jid not in seen]
+        self._audited = seen
+        saw = [(jid, p, "ready" if r else "-", "adm" if a else "-") for jid, p, r, a in changed]
+        self._log(f"[raybig-scheduler] admit {admit}; {len(seen)} jobs; changed {saw}"
+                  + (f"; gone {gone}" if gone else ""))
+
+
+@ray.remote(num_cpus=0, max_restarts=-1, max_concurrency=32)  # type: ignore[call-overload]
+class RaybigScheduler(SchedulerCore):
+    """The cluster's one scheduler actor: admits queued jobs by policy (see the module docstring)."""
+
+    def __init__(self) -> None:
+        super().__init__(_job_table, _job_statuses, _nodes)
+        threading.Thread(target=self._loop, daemon=True).start()
+
+    def _loop(self) -> None:
+        while True:
+            try:
+                self.tick()
+            except Exception as e:  # noqa: BLE001 - a bad tick must not kill the scheduler
+                self._last_error = f"{type(e).__name__}: {e}"
+            time.sleep(TICK_S)
 
 
 def _job_from_reg(jid: str, r: dict[str, Any]) -> Job:
@@ -162,19 +226,44 @@ def _value(v: Any) -> Any:
     return getattr(v, "value", v)
 
 
-def _job_table() -> dict[str, tuple[JobStatus, dict[str, str]]]:
-    """submission_id -> (Ray's JobStatus, metadata) for raybig jobs, from Ray's job table (State API)."""
+def _job_table() -> JobTable:
+    """submission_id -> (Ray's JobStatus, metadata) for raybig jobs Ray has not ended (State API).
+
+    Listed per alive status, server-side filtered, so ended jobs (which pile up in Ray's table)
+    never count against the State API's 10,000-row cap: up to 10,000 pending plus 10,000 running.
+    """
     from ray.util.state import list_jobs
 
     out = {}
     # An explicit address: other Ray instances on the same machine must not confuse the lookup.
     gcs = ray.get_runtime_context().gcs_address
-    # detail=True: without it the State API leaves out `metadata`, where the queue record lives.
-    for j in list_jobs(address=gcs, limit=10_000, detail=True, raise_on_missing_output=False):
-        sid = getattr(j, "submission_id", None)
-        md = getattr(j, "metadata", None) or {}
-        if sid and is_raybig(md):
-            out[sid] = (JobStatus(_value(getattr(j, "status", "PENDING"))), md)
+    for status in (JobStatus.PENDING, JobStatus.RUNNING):
+        # detail=True: without it the State API leaves out `metadata`, where the queue record lives.
+        rows = list_jobs(address=gcs, limit=ALIVE_LIMIT, detail=True, raise_on_missing_output=False,
+                         filters=[("type", "=", "SUBMISSION"), ("status", "=", status.value)])
+        if len(rows) >= ALIVE_LIMIT:
+            print(f"[raybig-scheduler] {len(rows)}+ {status.value} jobs: the State API caps a listing at "
+                  f"{ALIVE_LIMIT}; raise RAY_MAX_LIMIT_FROM_API_SERVER on the head", flush=True)
+        for j in rows:
+            sid = getattr(j, "submission_id", None)
+            md = getattr(j, "metadata", None) or {}
+            if sid and is_raybig(md):
+                out[sid] = (JobStatus(_value(getattr(j, "status", "PENDING"))), md)
+    return out
+
+
+def _job_statuses(job_ids: Iterable[str]) -> JobTable:
+    """(status, metadata) of the given submission ids, ended ones included (GCS KV, one read each)."""
+    from ray.dashboard.modules.job.common import JobInfo, JobInfoStorageClient
+    from ray.experimental.internal_kv import _internal_kv_get
+
+    out: JobTable = {}
+    for jid in job_ids:
+        raw = _internal_kv_get(JobInfoStorageClient.JOB_DATA_KEY.format(job_id=jid), namespace="job")
+        if raw is None:
+            continue
+        info: Any = JobInfo.from_json(json.loads(raw))
+        out[jid] = (JobStatus(_value(info.status)), info.metadata or {})
     return out
 
 

@@ -88,6 +88,8 @@ def build_trainer(spec: TrainSpec, queue: Any = None, resume_from: str | None = 
     r = spec.resources
     use_gpu = r.gpus_per_worker > 0
     per_worker = spec.worker_bundle()
+    from raybig.train.failfast import FailFast
+
     spath, sfs = storage.ray_storage(storage_path or spec.storage.path)
     run_name = name or spec.name
     return TorchTrainer(
@@ -103,7 +105,8 @@ def build_trainer(spec: TrainSpec, queue: Any = None, resume_from: str | None = 
             failure_config=FailureConfig(max_failures=spec.checkpoint.max_failures,  # type: ignore[call-arg]
                                          controller_failure_limit=3),
             worker_runtime_env={"env_vars": worker_env(use_gpu)},
-            callbacks=callbacks or [],
+            # FailFast: a worker error a restart cannot fix (missing file, bad data) is not retried.
+            callbacks=[*(callbacks or []), FailFast()],  # type: ignore[list-item]  # a v2 controller callback
         ),
     )
 
@@ -136,21 +139,42 @@ def run_train(spec: TrainSpec, address: str | None = None, resume_from: str | No
 
     Raises:
         UsageError: `resume_from` does not exist (exit 2; nothing was started).
-        TrainingFailed: the run failed and its restarts (`checkpoint.max_failures`) are spent.
+        PreflightError: the data, `init_from` or the checkpoint to resume cannot work (exit 2; nothing
+            was started; see `raybig.train.preflight`).
+        TrainingFailed: the run failed: at once for an error a restart cannot fix, else once its
+            restarts (`checkpoint.max_failures`) are spent.
         IncompleteCheckpointError: `resume_from` is a partial checkpoint.
+
+    Relative paths in `spec` and `resume_from` resolve against the working directory, here, before
+    anything starts (`raybig.spec.paths_resolve`); the spec.yaml in the run directory shows them absolute.
     """
     import ray
     from ray.train import TrainingFailedError
     from ray.util.queue import Queue
 
-    from raybig.cluster.ray_env import ensure_ray
+    from raybig.cluster.ray_env import check_gang_fits, ensure_ray
+    from raybig.spec.paths_resolve import absolute, resolve_paths
+    from raybig.train.preflight import preflight_run
 
     t0 = time.time()
+    spec, _ = resolve_paths(spec)  # in the driver: Ray Train moves each worker to its own folder
+    resume_from = absolute(resume_from) if resume_from else None
     if resume_from and not _exists(resume_from):  # before Ray starts: a typo costs nothing
         raise UsageError(f"--resume-from {resume_from}: no such checkpoint")
+    from raybig.train.compat import check_resume_compatible
+
+    # Before Ray starts and before spec.yaml is rewritten: a spec the run's checkpoint cannot carry
+    # raises ResumeMismatch (exit 2); a run already complete returns its result without starting.
+    plan = check_resume_compatible(spec, run_dir_of(spec))
+    if plan.result is not None:
+        return plan.result
+    # Before Ray starts: what no worker-group restart can fix (no data, too little of it, a
+    # checkpoint from another world size) ends here in one line.
+    preflight_run(spec, resume_from)
     r = spec.resources
     ensure_ray(address, num_cpus=r.workers * r.cpus_per_worker + 1,
                use_gpu=r.gpus_per_worker > 0, verbose=verbose)
+    check_gang_fits(spec.worker_bundle(), r.workers, f"train {spec.name!r}")  # refuse now, not after minutes
     run_dir = run_dir_of(spec)
     write_run_record(spec, run_dir)
     from raybig.train.checkpoints import recover_snapshot
@@ -208,11 +232,14 @@ def run_train(spec: TrainSpec, address: str | None = None, resume_from: str | No
     export = export_of(run_dir)
     res = TrainResult.from_history(
         spec.name, run_dir, history, checkpoint=result.checkpoint.path if result.checkpoint else None,
-        export_dir=export, resumed_from_step=first_step,
+        export_dir=export, resumed_from_step=plan.resume_step if plan.resume_step is not None else first_step,
         seconds_to_first_step=round(first_step_t[0], 1) if first_step_t else None)
     if sample and export and spec.sample.max_new_tokens > 0:
         res.sample = sample_text(export, spec)
     res.seconds = round(time.time() - t0, 1)
+    from raybig.train.result import write_result
+
+    write_result(run_dir, res)  # run.json: name, kind, spec hash + the result with the driver's timings
     return res
 
 
@@ -241,22 +268,19 @@ def sample_text(export_dir: str, spec: TrainSpec) -> str:
 
 
 def _explain_failure(spec: TrainSpec, err: BaseException) -> str:
-    """One line a user can act on.
+    """One line a user can act on: whether restarts were spent, and the root cause (`train.causes`).
 
     Ray's own message starts with 'Training failed due to worker errors:' and buries the cause
     (a dead node, a crashed rank) many lines further down.
     """
-    import re
+    from raybig.train.causes import root_cause, worker_node
 
-    text = str(err)
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    cause = (next((ln for ln in lines if "died because" in ln), None)
-             or next((ln for ln in lines if re.match(r"^\w*(Error|Exception)\b", ln)), None)
-             or (lines[0] if lines else ""))
-    # The dead worker's node: the last node_ip before the cause (other ranks' snippets name theirs).
-    upto = text.find(cause) if cause else -1
-    nodes = re.findall(r"node_ip='([^']+)'", text[:upto] if upto > 0 else text)
-    where = f" (a worker on {nodes[-1]})" if nodes else ""
+    failure = getattr(err, "controller_failure", None)
+    if type(failure).__name__ == "NotRetried":  # raybig.train.failfast: a restart cannot fix it
+        return f"training failed (not retried: a restart cannot fix this): {failure}"[:1000]
+    cause = root_cause(err)
+    node = worker_node(err)
+    where = f" (a worker on {node})" if node and node not in cause else ""
     mf = spec.checkpoint.max_failures
     return (f"training failed and its worker-group restarts are spent (checkpoint.max_failures={mf}): "
-            f"{type(err).__name__}: {cause}{where}")[:1000]
+            f"{cause}{where}")[:1000]
