@@ -110,6 +110,12 @@ class SweepMismatch(RaybigError):
     exit_code = EXIT_SPEC
 
 
+class ResumeMismatch(RaybigError):
+    """A train spec was re-run under a name whose checkpoint it cannot load (another model, stage, ...); exit 2."""
+
+    exit_code = EXIT_SPEC
+
+
 class ServeError(RaybigError):
     """Deploying, querying or removing a Serve application failed; exit 1."""
 

@@ -41,9 +41,12 @@ def _sweep(spec: PipelineSpec, address: str | None, python_path: list[str] | Non
     from raybig.tune import run_sweep
 
     sweep = spec.sweep.model_copy(update={"storage": StorageSpec(path=pipeline_dir(spec))})
-    report = run_sweep(sweep, address=address, python_path=python_path, quiet=hooks.quiet)
+    report = run_sweep(sweep, address=address, python_path=python_path, hooks=hooks)
     if not report.get("best"):
         raise RuntimeError("no trial finished with a metric; nothing to train")
+    best = report["best"]
+    hooks.note(f"sweep {sweep.name!r}: {len(report['trials'])} trials; best {best['trial']} "
+               f"{report['metric']}={best['metric']:.4f}")
     return {"best_spec": report["best"]["spec"], "best_trial": report["best"]["trial"],
             "metric": report["best"]["metric"]}
 
@@ -55,6 +58,11 @@ def _train(spec: PipelineSpec, best_spec: str, address: str | None, python_path:
     # best.yaml says `${VAR}` for secrets: read it as a spec file is read, so they resolve (and stay secret).
     best = load_yaml_text(storage.read_text(best_spec), source=best_spec).data
     train = TrainSpec.model_validate(spec.train_stage_data(best, pipeline_dir(spec)))
+    from raybig.train.compat import check_resume_compatible
+    from raybig.train.runner import run_dir_of
+
+    for line in check_resume_compatible(train, run_dir_of(train)).notes:  # run_train checks it again
+        hooks.note(line)
     with hooks.train(train) as on_metrics:
         res = run_train(train, address=address, on_metrics=on_metrics, python_path=python_path)
     if not res.export_dir:
@@ -111,6 +119,6 @@ def run_pipeline(spec: PipelineSpec, address: str | None = None, python_path: li
         st[stage] = {"status": "finished", "finished": time.time(), **out}
         _save(spec, state)
     if block:
-        run_serve(spec.serve_spec(st["train"]["export"]), address, on_ready=hooks.serving)
+        run_serve(spec.serve_spec(st["train"]["export"]), address, on_ready=hooks.serving, on_note=hooks.note)
     return state
 

@@ -42,13 +42,28 @@ def run_spec(spec: JobSpec, address: str | None = None, resume_from: str | None 
         TrainingFailed, SweepMismatch, ServeError, PipelineFailed, ClusterError (all `RaybigError`),
         UsageError for an option the kind does not take, KeyboardInterrupt on Ctrl-C.
     """
+    from raybig.spec.paths_resolve import absolute, resolve_paths
+
     hooks = hooks or RunHooks()
+    # Relative paths (data, init_from, storage, checkpoints, model folders) resolve against the working
+    # directory, here in the driver, for every kind: workers and trials run in folders of their own.
+    spec, _ = resolve_paths(spec)
+    resume_from = absolute(resume_from) if resume_from else None
     if resume_from and not isinstance(spec, TrainSpec):
         raise UsageError(f"--resume-from applies to train specs, not kind {spec.kind!r}")
     match spec:
         case TrainSpec():
-            from raybig.train.runner import run_train
+            from raybig.train.compat import check_resume_compatible
+            from raybig.train.preflight import preflight_run
+            from raybig.train.runner import run_dir_of, run_train
 
+            # Before the progress bar and Ray: a spec its run's checkpoint cannot carry fails here (exit 2).
+            plan = check_resume_compatible(spec, run_dir_of(spec))
+            for line in plan.notes:
+                hooks.note(line)
+            if plan.result is not None:  # already complete: nothing to start
+                return plan.result
+            preflight_run(spec, resume_from)  # what no worker-group restart can fix: one line, exit 2
             with hooks.train(spec) as on_metrics:
                 return run_train(spec, address=address, resume_from=resume_from, on_metrics=on_metrics,
                                  python_path=python_path, verbose=verbose, sample=True)
@@ -59,12 +74,11 @@ def run_spec(spec: JobSpec, address: str | None = None, resume_from: str | None 
         case SweepSpec():
             from raybig.tune import run_sweep
 
-            return run_sweep(spec, address=address, python_path=python_path, quiet=hooks.quiet,
-                             verbose=verbose)
+            return run_sweep(spec, address=address, python_path=python_path, verbose=verbose, hooks=hooks)
         case ServeSpec():
             from raybig.serve.local import run_serve
 
-            return run_serve(spec, address, on_ready=hooks.serving)
+            return run_serve(spec, address, on_ready=hooks.serving, on_note=hooks.note)
         case PipelineSpec():
             from raybig.pipeline import run_pipeline
 

@@ -51,7 +51,7 @@ algorithm: grid
 scheduler: none
 max_concurrent_trials: 2
 """))
-    rep = run_sweep(spec, quiet=True)
+    rep = run_sweep(spec)
     trials = by_lr(rep)
     assert {r["state"] for r in trials.values()} == {"finished"}
     assert trials[3.0e-3]["metric"] < trials[3.0]["metric"]
@@ -86,7 +86,7 @@ grace_period: 4
 reduction_factor: 2
 max_concurrent_trials: 1
 """))
-    rep = run_sweep(spec, quiet=True)
+    rep = run_sweep(spec)
     trials = by_lr(rep)
     seen = {lr: (r["state"], r["steps"], r["error"]) for lr, r in trials.items()}
     stopped = [r for r in trials.values() if r["state"] == "stopped early"]

@@ -48,11 +48,13 @@ def main() -> None:
 
 
 def _load(path: str, overrides: tuple[str, ...]) -> Any:
-    from raybig.plugins import add_python_path
+    from raybig.plugins import add_python_path, target_problems
 
     # Plug-in models (`model.target`) import from the working directory and the spec's folder.
     add_python_path([os.getcwd(), os.path.dirname(os.path.abspath(path))])
-    return load_spec(path, list(overrides))
+    # A `model.target` whose module, factory or kwargs do not exist is a spec error here, before
+    # anything starts (read from the module's source; torch is not imported).
+    return load_spec(path, list(overrides), checks=[target_problems])
 
 
 @main.command()
@@ -61,16 +63,28 @@ def _load(path: str, overrides: tuple[str, ...]) -> Any:
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def validate(spec_path: str, overrides: tuple[str, ...], as_json: bool) -> None:
     """Check a spec and print its memory estimate; starts nothing."""
+    from raybig.errors import dotted_path
     from raybig.spec.summary import validate_summary
 
-    spec = _load(spec_path, overrides)
+    try:
+        spec = _load(spec_path, overrides)
+    except SpecError as e:
+        if not as_json:
+            raise
+        # A script gets JSON on stdout for a bad spec too (and exit 2), one object per issue.
+        issues = [{"source": i.source, "line": i.line, "path": dotted_path(i.path), "message": i.message,
+                   "text": i.render()} for i in e.issues]
+        print(json.dumps({"ok": False, "spec": spec_path, "issues": issues}, indent=2), file=out.file)
+        sys.exit(e.exit_code)
     summary = validate_summary(spec)
     if as_json:
-        out.print_json(json.dumps(summary))
+        print(json.dumps({"ok": True, **summary}, indent=2), file=out.file)
     else:
         out.print(f"[green]ok[/green] {spec_path}: {summary['kind']} {summary['name']!r}")
         for line in summary.get("lines", []):
-            out.print(f"  {line}")
+            out.print(f"  {line}", markup=False)
+        for line in summary.get("warnings", []):
+            console.print(f"[yellow]warning[/yellow] {escape(line)}", soft_wrap=True)
 
 
 @main.command()
@@ -90,6 +104,11 @@ def run(spec_path: str, overrides: tuple[str, ...], address: str | None, resume_
     spec = _load(spec_path, overrides)
     spec_dir = os.path.dirname(os.path.abspath(spec_path))
     hooks = JsonHooks(out) if as_json else ConsoleHooks(console)
+    if address is None and not as_json and spec.kind in ("train", "sweep"):
+        from raybig.spec.summary import validate_summary
+
+        for line in validate_summary(spec).get("warnings", []):  # e.g. more memory than this machine has
+            console.print(f"[yellow]warning[/yellow] {escape(line)}", soft_wrap=True)
     try:
         result = run_spec(spec, address=address, resume_from=resume_from, python_path=[os.getcwd(), spec_dir],
                           verbose=verbose, hooks=hooks)
@@ -101,11 +120,16 @@ def run(spec_path: str, overrides: tuple[str, ...], address: str | None, resume_
         out.print_json(json.dumps(result.to_json() if isinstance(result, TrainResult) else result, default=str))
     elif isinstance(result, TrainResult):
         print_train_summary(console, result)
+    elif spec.kind == "sweep" and isinstance(result, dict):
+        from raybig.cli.sweep import print_report
+
+        print_report(result)
 
 
 if __name__ == "__main__":  # pragma: no cover
     main()
 from raybig.cli import (  # noqa: E402  (command modules register themselves on `main`; add yours here)
+    export,  # noqa: F401  (export)
     jobs,  # noqa: F401  (submit, status, logs, stop, list, queue, cluster)
     report,  # noqa: F401  (report)
     serve,  # noqa: F401  (serve status, serve down)

@@ -1,4 +1,7 @@
-"""The terminal side of `raybig run`: a live progress bar for training and the final summary."""
+"""The terminal side of `raybig run`: progress bar, final summary, and tables that stay whole.
+
+`whole_table` and `print_whole` keep ids, numbers and paths whole at 80 columns (any command's table).
+"""
 
 from __future__ import annotations
 
@@ -45,8 +48,8 @@ class ConsoleHooks(RunHooks):
             yield on_metrics
 
     def note(self, text: str) -> None:
-        """Print `text` as is."""
-        self.console.print(text, markup=False, highlight=False)
+        """Print `text` as is (long lines run on rather than break a path or an id)."""
+        self.console.print(text, markup=False, highlight=False, soft_wrap=True)
 
     def serving(self, info: dict[str, Any]) -> None:
         """Print where the app serves and how to call it."""
@@ -59,18 +62,22 @@ class ConsoleHooks(RunHooks):
 def print_train_summary(console: Console, r: TrainResult) -> None:
     """The few lines `raybig run` prints when a train run ends."""
     m = r.metrics
-    first = f" (first step after {r.seconds_to_first_step}s)" if r.seconds_to_first_step is not None else ""
-    console.print(f"[green]done[/green] {r.name}: {r.steps} steps in {r.seconds}s{first}")
+    if r.seconds is None:  # nothing ran: the run was already complete (raybig.train.compat)
+        console.print(f"[green]complete[/green] {r.name}: {r.steps} steps (finished earlier; nothing was run)")
+    else:
+        first = f" (first step after {r.seconds_to_first_step}s)" if r.seconds_to_first_step is not None else ""
+        resumed = f", resumed from step {r.resumed_from_step}" if r.resumed_from_step else ""
+        console.print(f"[green]done[/green] {r.name}: {r.steps} steps in {r.seconds}s{first}{resumed}")
     if r.val_loss_first is not None and r.val_loss_last is not None:
         console.print(f"  val_loss {r.val_loss_first:.3f} -> {r.val_loss_last:.3f}")
     if "tokens_per_s" in m:
         console.print(f"  {m['tokens_per_s']:,.0f} tokens/s, step {m.get('step_time_s', 0) * 1000:.0f} ms, "
                       f"peak mem {m.get('peak_mem_bytes', 0) / 2**20:,.0f} MiB/worker")
-    console.print(f"  run dir: {r.run_dir}")
+    console.print(f"  run dir: {r.run_dir}", soft_wrap=True, markup=False)
     if r.checkpoint:
-        console.print(f"  checkpoint: {r.checkpoint}")
+        console.print(f"  checkpoint: {r.checkpoint}", soft_wrap=True, markup=False)
     if r.export_dir:
-        console.print(f"  export: {r.export_dir}")
+        console.print(f"  export: {r.export_dir}", soft_wrap=True, markup=False)
     if r.sample:
         console.print("  sample:", style="bold")
         console.print(r.sample, markup=False)
@@ -89,3 +96,33 @@ class JsonHooks(RunHooks):
         import json
 
         print(json.dumps(info), file=self.out.file, flush=True)  # flushed: a supervisor may wait on it
+
+
+def whole_table(headers: list[str], rows: list[list[str]], title: str | None = None) -> Any:
+    """A rich Table whose cells are never cut or folded.
+
+    Each column is at least as wide as its longest cell, so at 80 columns (a pipe, a CI log) ids,
+    numbers and paths stay whole and the line runs long instead (print it with `print_whole`).
+    """
+    from rich.table import Table
+
+    t = Table(title=title, box=None, pad_edge=False, title_justify="left")
+    for c, h in enumerate(headers):
+        width = max([len(h), *(len(r[c]) for r in rows)])
+        t.add_column(h, no_wrap=True, min_width=width, overflow="ignore")
+    for r in rows:
+        t.add_row(*r)
+    return t
+
+
+def print_whole(console: Console, table: Any) -> None:
+    """Print `table` at its natural width, even wider than the console (lines run long, nothing is cut)."""
+    width = console.measure(table, options=console.options.update(width=10_000)).maximum
+    if width <= console.width:
+        console.print(table)
+        return
+    # Rich fits a table to its console's width (dropping columns that do not fit): print this one
+    # through a console as wide as the table, on the same stream.
+    wide = Console(file=console.file, width=width, highlight=False, no_color=console.no_color,
+                   force_terminal=console.is_terminal or None)
+    wide.print(table)

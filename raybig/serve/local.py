@@ -56,17 +56,34 @@ def _interrupt(*_: Any) -> None:
     raise KeyboardInterrupt
 
 
+def app_present(name: str) -> bool | None:
+    """Is Serve application `name` deployed on the Ray this process is connected to? None: cannot tell."""
+    try:
+        from ray import serve
+
+        return name in serve.status().applications
+    except Exception:  # noqa: BLE001 - the controller restarting, Ray going away: ask again later
+        return None
+
+
 def run_serve(spec: ServeSpec, address: str | None = None,
-              on_ready: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
-    """Serve `spec` until Ctrl-C or SIGTERM, then remove it (embedded Ray: stop Serve as a whole).
+              on_ready: Callable[[dict[str, Any]], None] | None = None,
+              on_note: Callable[[str], None] | None = None, poll_s: float = 2.0) -> dict[str, Any]:
+    """Serve `spec` until Ctrl-C, SIGTERM, or the app is removed elsewhere; then clean up.
+
+    Cleaning up removes the app (embedded Ray: stops Serve as a whole). `raybig serve down NAME` in
+    another shell removes the app; this process notices within `poll_s` seconds (or after three
+    failed looks, when Serve itself went away) and ends as well.
 
     Args:
         spec: the app to serve.
         address: Ray cluster to attach to; None: RAY_ADDRESS, else an embedded local Ray.
         on_ready: called once with `start_serve`'s result when the app is RUNNING (the CLI prints it).
+        on_note: called with one line when the app was removed elsewhere.
+        poll_s: seconds between looks at the app.
 
     Returns:
-        `start_serve`'s result, after the server was stopped.
+        `start_serve`'s result, after the server was stopped; `removed: True` when it was removed elsewhere.
     """
     res = start_serve(spec, address)
     # SIGTERM (kill, a supervisor) cleans up like Ctrl-C: remove the app, stop embedded Ray.
@@ -75,15 +92,23 @@ def run_serve(spec: ServeSpec, address: str | None = None,
     if on_ready:
         on_ready(res)
     try:
+        unknown = 0
         while True:
-            time.sleep(3600)
+            time.sleep(poll_s)
+            present = app_present(spec.name)
+            unknown = unknown + 1 if present is None else 0
+            if present is False or unknown >= 3:
+                res["removed"] = True
+                if on_note:
+                    on_note(f"app {spec.name!r} was removed (raybig serve down?); stopping this server")
+                raise KeyboardInterrupt
     except KeyboardInterrupt:
         try:
             if res.get("embedded"):  # our own Ray: stop Serve as a whole
                 from ray import serve
 
                 serve.shutdown()
-            else:  # a shared cluster: remove only this app
+            elif not res.get("removed"):  # a shared cluster: remove only this app (unless already gone)
                 delete_app(spec.name, res["dashboard"])
         finally:
             if res.get("embedded"):

@@ -19,6 +19,7 @@ def validate_summary(spec: JobSpec) -> dict[str, Any]:
             from raybig.spec.sweep import summary_lines
 
             summary["lines"] = summary_lines(spec)
+            summary["warnings"] = train_memory_summary(spec.base).get("warnings", [])
     return summary
 
 
@@ -31,15 +32,71 @@ def train_memory_summary(spec: TrainSpec) -> dict[str, Any]:
         est = estimate(spec)
     except EstimateUnavailable as e:  # a plug-in: its size is known only once built
         return {"lines": [f"memory estimate unavailable: {e}"]}
+    m = spec.model
+    src = (f"Hugging Face {m.hf}" if m.hf else "Hugging Face config (random init)" if m.is_hf
+           else "raybig GPT")
     lines = [
-        f"model: {est.params:,} parameters; ZeRO-{est.stage}, {est.precision}, {r.workers} workers",
+        f"model: {est.params:,} parameters ({src}); ZeRO-{est.stage}, {est.precision}, {r.workers} workers",
         f"model state per worker: params {human(est.param_bytes)} + grads {human(est.grad_bytes)} "
         f"+ optimizer {human(est.optim_bytes)} = {human(est.total)}",
     ]
+    if est.trainable is not None and est.trainable != est.params:
+        lines.insert(1, f"LoRA r={spec.finetune.r} on {spec.lora_targets()}: {est.trainable:,} trainable "
+                        f"parameters ({100 * est.trainable / max(est.params, 1):.2f}%); only they have "
+                        "gradients and optimizer state")
+    lines.insert(1, f"tokenizer: {spec.tokenizer_kind()}")
     if est.offloaded_bytes:
         lines.append(f"  of which offloaded to host RAM: {human(est.offloaded_bytes)} "
                      f"(offload_optimizer={ds.offload_optimizer}, offload_param={ds.offload_param})")
+    warnings = []
     if r.memory_per_worker:
         lines.append(f"fits memory_per_worker {human(r.memory_per_worker)}")
-    return {"params": est.params, "bytes_per_worker": est.total, "offloaded_bytes": est.offloaded_bytes,
-            "lines": lines}
+    else:
+        warnings += machine_memory_warnings(spec)
+    return {"params": est.params, "trainable_params": est.trainable, "bytes_per_worker": est.total,
+            "offloaded_bytes": est.offloaded_bytes, "lines": lines, "warnings": warnings}
+
+
+def machine_memory() -> int | None:
+    """This machine's physical memory in bytes (None where the OS does not say)."""
+    import os
+
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def machine_memory_warnings(spec: TrainSpec, total: int | None = None) -> list[str]:
+    """A warning when all workers' model state (host side) exceeds this machine's memory.
+
+    Only without `resources.memory_per_worker` (with it, validation itself checks the fit). The
+    advice names only changes that shrink the host memory all workers need at this ZeRO stage.
+
+    Args:
+        spec: the train spec.
+        total: the machine's memory in bytes (default: this machine's, `machine_memory()`).
+    """
+    from raybig.spec.memory import (
+        EstimateUnavailable,
+        estimate,
+        host_bytes_per_worker,
+        human,
+        shrinking_fixes,
+    )
+
+    total = machine_memory() if total is None else total
+    if not total or spec.resources.memory_per_worker:
+        return []
+    try:
+        est = estimate(spec)
+        per = host_bytes_per_worker(spec)
+    except EstimateUnavailable:
+        return []
+    n = spec.resources.workers
+    if per * n <= total:
+        return []
+    fixes = shrinking_fixes(spec, lambda s: host_bytes_per_worker(s) * s.resources.workers)
+    return [f"model state needs about {human(per)} per worker x {n} workers = {human(per * n)}, more than "
+            f"this machine's {human(total)} (ZeRO-{est.stage}, {est.precision}); on one machine try "
+            f"{', or '.join(fixes)}; or set resources.memory_per_worker for a cluster's nodes"]

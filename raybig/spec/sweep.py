@@ -38,7 +38,8 @@ class Distribution(Strict):
     uniform: tuple[float, float] | None = Field(None, description="[low, high] sampled uniformly.")
     loguniform: tuple[float, float] | None = Field(None, description="[low, high] sampled log-uniformly.")
     randint: tuple[int, int] | None = Field(None, description="[low, high] integers, both ends included.")
-    choice: list[Any] | None = Field(None, min_length=1, description="Sampled from these values.")
+    choice: list[Any] | None = Field(None, min_length=1, description="Sampled from these values (with "
+                                     "algorithm grid: every value is tried, like grid).")
     grid: list[Any] | None = Field(None, min_length=1, description="Every value is tried (a grid axis).")
     value: Any = Field(None, description="A constant applied to every trial.")
 
@@ -95,7 +96,8 @@ class SweepSpec(QueuedSpec):
                                             "distribution (uniform, loguniform, randint, choice, grid, "
                                             "or a constant).")
     algorithm: Literal["random", "grid", "optuna"] = Field(
-        "random", description="random sampling (grid axes crossed), grid only, or Optuna TPE.")
+        "random", description="random sampling (grid axes crossed), grid (every grid and choice value "
+        "crossed), or Optuna TPE.")
     seed: int = Field(0, ge=0, le=2**31 - 1, description="Seeds the search algorithm (reproducible sweeps).")
     num_samples: int | None = Field(None, ge=1, le=10_000, description="Trials to run (default: the grid's "
                                     "size for grid, else 8 or the grid's size). Must cover the grid; "
@@ -155,10 +157,19 @@ class SweepSpec(QueuedSpec):
 
     # --- derived -------------------------------------------------------------------------------
 
+    def grid_axes(self) -> dict[str, list[Any]]:
+        """Search key -> values tried one by one: grid axes, and with algorithm grid choice axes too."""
+        out: dict[str, list[Any]] = {}
+        for key, d in self.search.items():
+            if d.grid is not None:
+                out[key] = list(d.grid)
+            elif d.choice is not None and self.algorithm == "grid":
+                out[key] = list(d.choice)
+        return out
+
     def grid_size(self) -> int:
-        """Points in the grid: the product of every grid axis's length (1 with none)."""
-        sizes: list[int] = [len(d.grid) for d in self.search.values() if d.grid is not None]
-        return math.prod(sizes)
+        """Points in the grid: the product of every grid axis's length (1 with none); see `grid_axes`."""
+        return math.prod(len(v) for v in self.grid_axes().values())
 
     def total_trials(self) -> int:
         """Trials the sweep runs (see num_samples)."""

@@ -165,7 +165,7 @@ def load_yaml_text(text: str, source: str = "<spec>", env: dict[str, str] | None
         mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
         line = mark.line + 1 if mark is not None else None
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise SpecError([Issue((), f"broken YAML: {problem}", line, source)]) from None
+        raise SpecError([Issue((), f"broken YAML: {problem}{_flow_hint(text, line)}", line, source)]) from None
     if node is None:
         raise SpecError([Issue((), "the spec is empty", 1, source)])
     walker = _Walker(source, env, resolve_secrets=resolve_secrets)
@@ -181,6 +181,22 @@ def load_yaml_text(text: str, source: str = "<spec>", env: dict[str, str] | None
         raise SpecError([Issue((), f"the spec must be a mapping of keys, got {type(data).__name__}",
                                1, source)])
     return Loaded(data, walker.lines, source, walker.secret_values)
+
+
+def _flow_hint(text: str, line: int | None) -> str:
+    """A hint when the broken line holds an unquoted `${VAR}`.
+
+    Inside `{...}` or `[...]` YAML reads its braces as a nested mapping.
+    """
+    if line is None:
+        return ""
+    lines = text.splitlines()
+    near = lines[max(0, line - 2): line]  # the line PyYAML names, and the one before (a mark can trail)
+    m = next((m for ln in reversed(near) for m in re.finditer(r"(?<![\"'])\$\{[^}]*\}", ln)), None)
+    if m is None:
+        return ""
+    return (f"; {m.group(0)} inside a flow mapping or list ({{...}} or [...]) must be quoted: "
+            f"\"{m.group(0)}\" (a whole quoted value still becomes a number when it reads as one)")
 
 
 def load_yaml_file(path: str, env: dict[str, str] | None = None, resolve_secrets: bool = True) -> Loaded:

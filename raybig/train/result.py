@@ -129,14 +129,40 @@ class TrainResult:
         except (ValueError, OSError):
             ckpt = None
         restored = [h["restored_step"] for h in history if isinstance(h.get("restored_step"), int)]
-        return cls.from_history(name, run_dir, history, checkpoint=ckpt, export_dir=export_of(run_dir),
-                                resumed_from_step=restored[-1] if restored else None)
+        res = cls.from_history(name, run_dir, history, checkpoint=ckpt, export_dir=export_of(run_dir),
+                               resumed_from_step=restored[-1] if restored else None)
+        # What only the driver knew (timings, the sample), as the last run wrote it into run.json.
+        done = _read_run_json(run_dir).get("result") or {}
+        if isinstance(done, dict) and done.get("steps") == res.steps:
+            for key in ("seconds", "seconds_to_first_step", "sample", "resumed_from_step"):
+                if done.get(key) is not None:
+                    setattr(res, key, done[key])
+        return res
 
     def to_json(self) -> dict[str, Any]:
         """Every field but `history`, as JSON-ready values."""
         d = asdict(self)
         d.pop("history")
         return d
+
+
+def _read_run_json(run_dir: str) -> dict[str, Any]:
+    uri = storage.join(run_dir, RUN_FILE)
+    try:
+        data = json.loads(storage.read_text(uri)) if storage.exists(uri) else {}
+    except (ValueError, OSError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def write_result(run_dir: str, result: TrainResult) -> None:
+    """Add `result` to `<run_dir>/run.json` as its `result` (steps, metrics, timings, ...).
+
+    Keeps the name, kind and spec hash written when the run started.
+    """
+    data = _read_run_json(run_dir)
+    data["result"] = result.to_json()
+    storage.write_text(storage.join(run_dir, RUN_FILE), json.dumps(data, indent=2, default=str))
 
 
 def export_of(run_dir: str) -> str | None:

@@ -31,6 +31,7 @@ class SweepMetricsCallback(Callback):
         sweep_trials(self.sweep, counts)
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+        """Record the best metric so far and the trial counts."""
         v = result.get(self.metric)
         if isinstance(v, (int, float)) and math.isfinite(v):
             if self.best is None or (v < self.best if self.mode == "min" else v > self.best):
@@ -39,13 +40,17 @@ class SweepMetricsCallback(Callback):
         self._states(trials)
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        """Update the trial counts."""
         self._states(trials)
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        """Update the trial counts."""
         self._states(trials)
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        """Update the trial counts."""
         self._states(trials)
 
     def on_experiment_end(self, trials: list, **info: Any) -> None:
+        """Update the trial counts."""
         self._states(trials)

@@ -17,6 +17,7 @@ STATE_ORDER = {"finished": 0, "stopped early": 1, "running": 2, "interrupted": 2
 
 
 def load_sweep(sweep_dir: str) -> Any:
+    """The sweep spec recorded in `<sweep_dir>/sweep.yaml` (secrets stay `${VAR}` text)."""
     from raybig.spec import load_spec_text
 
     # A report needs no secret: `${VAR}`s from secret-looking variables stay text (and need not be set).
@@ -102,7 +103,8 @@ def winner(records: list[dict[str, Any]]) -> dict[str, Any] | None:
     """Best finished trial (its checkpoint is the full run); else best trial with a metric at all."""
     done = [r for r in records if r["state"] == "finished" and r["metric"] is not None]
     some = [r for r in records if r["metric"] is not None and r["state"] != "failed"]
-    return (done or some or [None])[0]
+    pick = done or some
+    return pick[0] if pick else None
 
 
 def best_spec_text(sweep_dir: str, spec: Any, best: dict[str, Any]) -> str:
@@ -126,6 +128,12 @@ def best_spec_text(sweep_dir: str, spec: Any, best: dict[str, Any]) -> str:
 
 
 def write_report(sweep_dir: str, final: bool = False) -> dict[str, Any]:
+    """Collect every trial, write trials.json, trials.md, curves.png, best.yaml/best.json; return the report.
+
+    Args:
+        sweep_dir: the sweep's directory (any fsspec URI).
+        final: the sweep has ended (unfinished trials read as interrupted, not running).
+    """
     sweep_dir = storage.normalize(sweep_dir)
     spec = load_sweep(sweep_dir)
     records = collect(sweep_dir, final=final)
@@ -151,6 +159,7 @@ def _fmt(v: Any) -> str:
 
 
 def markdown_table(spec: Any, records: list[dict[str, Any]]) -> str:
+    """The trials as a Markdown table (trials.md): params, state, steps, last and best metric."""
     keys = list(spec.search)
     head = ["#", "trial", *keys, "state", "steps", f"{spec.metric} (last)", f"{spec.metric} (best)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -198,25 +207,3 @@ def plot_curves(sweep_dir: str, spec: Any, records: list[dict[str, Any]]) -> str
     with fs.open(path, "wb") as f:
         f.write(buf.getvalue())
     return f"{sweep_dir}/curves.png"
-
-
-def print_report(report: dict[str, Any]) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    out = Console(highlight=False)
-    recs = report["trials"]
-    keys = list(recs[0]["params"]) if recs else []
-    t = Table(title=f"sweep {report['sweep']}: {len(recs)} trials, {report['total_steps']} steps in all")
-    for h in ["#", "trial", *keys, "state", "steps", f"{report['metric']} (last)", "best"]:
-        t.add_column(h, no_wrap=h == "trial")
-    for i, r in enumerate(recs, 1):
-        t.add_row(str(i), r["trial"], *[_fmt(r["params"].get(k, "")) for k in keys], r["state"], str(r["steps"]),
-                  _fmt(r["metric"]) if r["metric"] is not None else "-",
-                  _fmt(r["best"]) if r["best"] is not None else "-")
-    out.print(t)
-    b = report.get("best")
-    if b:
-        out.print(f"best: {b['trial']} {report['metric']}={b['metric']:.4f}  checkpoint {b['checkpoint']}")
-        out.print(f"winner spec: {b['spec']}  (raybig run {b['spec']})")
-    out.print(f"curves: {report.get('curves')}")

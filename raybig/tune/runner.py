@@ -18,41 +18,48 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from ray.tune import Callback
-from rich.console import Console
 
 from raybig import storage
 from raybig.errors import SweepMismatch
-from raybig.spec import freeze, spec_hash
+from raybig.spec import changed_paths, freeze, spec_hash
 from raybig.spec.sweep import SweepSpec
+from raybig.train.progress import RunHooks
 from raybig.tune.trial import run_trial, trial_name
 
-console = Console(stderr=True, highlight=False)
 TUNE_DIR = "tune"
 STATUS = "status.json"
+# Where trial lines go while `run_sweep` runs (the caller's `RunHooks.note`). A module global, not an
+# attribute of the callback: Tune pickles its callbacks into the experiment and restores them.
+_note: Callable[[str], None] | None = None
 
 
 def sweep_dir_of(spec: SweepSpec) -> str:
+    """`<storage.path>/<name>`: the sweep's directory."""
     return storage.join(spec.storage.path, spec.name)
 
 
 def param_space(spec: SweepSpec) -> dict[str, Any]:
+    """Tune's param_space for the search (with algorithm grid, choice axes are grid axes too)."""
     from ray import tune
 
     out: dict[str, Any] = {}
     for path, d in spec.search.items():
         k = d.kind
+        v: Any = getattr(d, k)  # the one key given (not None)
         if k == "uniform":
-            out[path] = tune.uniform(*d.uniform)
+            out[path] = tune.uniform(*v)
         elif k == "loguniform":
-            out[path] = tune.loguniform(*d.loguniform)
+            out[path] = tune.loguniform(*v)
         elif k == "randint":
-            out[path] = tune.randint(d.randint[0], d.randint[1] + 1)  # ours includes high
+            out[path] = tune.randint(v[0], v[1] + 1)  # ours includes high
+        elif k == "choice" and spec.algorithm == "grid":  # grid tries every listed value
+            out[path] = tune.grid_search(list(v))
         elif k == "choice":
-            out[path] = tune.choice(list(d.choice))
+            out[path] = tune.choice(list(v))
         elif k == "grid":
-            out[path] = tune.grid_search(list(d.grid))
+            out[path] = tune.grid_search(list(v))
         else:
-            out[path] = d.value
+            out[path] = v
     return out
 
 
@@ -84,11 +91,16 @@ def _tune_samples(spec: SweepSpec) -> int:
     return spec.total_trials() // spec.grid_size()  # Tune crosses every sample with the whole grid
 
 
-class StatusCallback(Callback):
-    """Tune callback (driver side): keeps `status.json` and prints one line per finished trial."""
+def _say(text: str) -> None:
+    if _note is not None:
+        _note(text)
 
-    def __init__(self, sweep_dir: str, quiet: bool):
-        self.uri, self.quiet = f"{sweep_dir}/{STATUS}", quiet
+
+class StatusCallback(Callback):
+    """Tune callback (driver side): keeps `status.json` and notes one line per finished trial."""
+
+    def __init__(self, sweep_dir: str, quiet: bool = True):
+        self.uri = f"{sweep_dir}/{STATUS}"
 
     def _set(self, trial: Any, state: str, **extra: Any) -> None:
         # Re-read every time: after Tuner.restore this object is unpickled with stale state.
@@ -101,20 +113,20 @@ class StatusCallback(Callback):
         storage.write_text(self.uri, json.dumps(status, indent=2))
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        """Mark the trial running."""
         self._set(trial, "running")
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        """Mark the trial terminated and note its last step and val_loss."""
         last = trial.last_result or {}
         self._set(trial, "terminated", step=last.get("step"))
-        if not self.quiet:
-            console.print(f"[green]trial[/green] {trial_name(trial.trial_id)} done at step "
-                          f"{last.get('step')}: val_loss {last.get('val_loss', float('nan')):.4f}  "
-                          f"{_short(trial.config)}")
+        _say(f"trial {trial_name(trial.trial_id)} done at step {last.get('step')}: "
+             f"val_loss {last.get('val_loss', float('nan')):.4f}  {_short(trial.config)}")
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        """Mark the trial failed and note it."""
         self._set(trial, "error")
-        if not self.quiet:
-            console.print(f"[red]trial[/red] {trial_name(trial.trial_id)} failed  {_short(trial.config)}")
+        _say(f"trial {trial_name(trial.trial_id)} failed  {_short(trial.config)}")
 
 
 def _metrics_callback(spec: SweepSpec) -> Any:
@@ -129,18 +141,31 @@ def _short(config: dict[str, Any]) -> str:
 
 
 def _check_same_sweep(spec: SweepSpec, sweep_dir: str) -> None:
+    """Refuse to resume `sweep_dir` with another spec (one line naming what changed); record this one.
+
+    Raises:
+        SweepMismatch: the directory holds a sweep with another spec hash (exit 2).
+    """
+    import yaml
+
     uri = f"{sweep_dir}/sweep.json"
     h = spec_hash(spec)
     if storage.exists(uri):
         old = json.loads(storage.read_text(uri)).get("spec_hash")
         if old != h:
-            raise SweepMismatch(f"{sweep_dir} holds another sweep (spec hash {old}, this one {h}); give this "
-                                f"sweep a new name or remove that directory")
+            changed: list[str] = []
+            with contextlib.suppress(Exception):  # an unreadable sweep.yaml: say it differs, not how
+                before = yaml.safe_load(storage.read_text(f"{sweep_dir}/sweep.yaml"))
+                changed = changed_paths(before, spec.model_dump(mode="json"))
+            what = f" ({', '.join(changed[:4])}{' and more' if len(changed) > 4 else ''} changed)" if changed else ""
+            raise SweepMismatch(f"{sweep_dir} holds sweep {spec.name!r} run with another spec{what}; a sweep "
+                                f"resumes only unchanged: give this one a new name, or remove that directory "
+                                f"(nothing was started)")
     storage.write_text(f"{sweep_dir}/sweep.yaml", freeze(spec))
     storage.write_text(uri, json.dumps({"name": spec.name, "kind": spec.kind, "spec_hash": h}, indent=2))
 
 
-def build_tuner(spec: SweepSpec, sweep_dir: str, python_path: list[str], quiet: bool = True) -> tuple[Any, bool]:
+def build_tuner(spec: SweepSpec, sweep_dir: str, python_path: list[str]) -> tuple[Any, bool]:
     """(Tuner, restored). An interrupted sweep in `sweep_dir` is restored, not started again."""
     from ray import tune
 
@@ -163,7 +188,7 @@ def build_tuner(spec: SweepSpec, sweep_dir: str, python_path: list[str], quiet: 
                                     search_alg=_search_alg(spec), scheduler=_scheduler(spec)),
         run_config=tune.RunConfig(name=TUNE_DIR, storage_path=spath, storage_filesystem=sfs,
                                   failure_config=tune.FailureConfig(max_failures=spec.trial_failures),
-                                  callbacks=[StatusCallback(sweep_dir, quiet), _metrics_callback(spec)], verbose=0),
+                                  callbacks=[StatusCallback(sweep_dir), _metrics_callback(spec)], verbose=0),
     )
     return tuner, False
 
@@ -203,37 +228,46 @@ def pinned_ray_address() -> Iterator[None]:
 
 
 def run_sweep(spec: SweepSpec, address: str | None = None, python_path: list[str] | None = None,
-              quiet: bool = False, verbose: bool = False,
-              on_tuner: Callable[[Any], None] | None = None) -> dict[str, Any]:
-    """Run (or resume) the sweep to the end; write and return its report."""
+              verbose: bool = False, on_tuner: Callable[[Any], None] | None = None,
+              hooks: RunHooks | None = None) -> dict[str, Any]:
+    """Run (or resume) the sweep to the end; write and return its report.
+
+    Prints nothing itself: a start line, one line per finished trial and an interruption go to
+    `hooks.note`; the caller shows the returned report (the CLI: `raybig.cli.sweep.print_report`).
+
+    Raises:
+        SweepMismatch: the sweep's directory holds a run of another spec (before Ray starts).
+        KeyboardInterrupt: the sweep was interrupted (run the same spec again to resume it).
+    """
+    global _note
     import os
 
     from raybig.cluster.ray_env import ensure_ray
     from raybig.tune.report import write_report
 
+    hooks = hooks or RunHooks()
+    sweep_dir = sweep_dir_of(spec)
+    _check_same_sweep(spec, sweep_dir)  # before Ray starts: a changed spec costs nothing
     b = spec.base.resources
     # The dashboard must be on: Train's placement-group cleaner uses the State API, and without it
     # the workers of an ASHA-stopped trial are never given back (the next trial hangs).
     ensure_ray(address, num_cpus=b.workers * b.cpus_per_worker * spec.max_concurrent_trials + 1,
                dashboard=True, use_gpu=b.gpus_per_worker > 0, verbose=verbose)
-    sweep_dir = sweep_dir_of(spec)
-    _check_same_sweep(spec, sweep_dir)
-    tuner, restored = build_tuner(spec, sweep_dir, python_path or [os.getcwd()], quiet=quiet)
-    if not quiet:
-        console.print(f"[bold]{'resuming' if restored else 'starting'}[/bold] sweep {spec.name!r}: "
-                      f"{spec.total_trials()} trials, {spec.algorithm}, scheduler {spec.scheduler} -> {sweep_dir}")
+    tuner, restored = build_tuner(spec, sweep_dir, python_path or [os.getcwd()])
+    hooks.note(f"{'resuming' if restored else 'starting'} sweep {spec.name!r}: {spec.total_trials()} trials, "
+               f"{spec.algorithm}, scheduler {spec.scheduler} -> {sweep_dir}")
     if on_tuner:
         on_tuner(tuner)
     # Tune prints its own tables on stdout; stdout is kept for our result (`--json`).
-    with pinned_ray_address(), contextlib.redirect_stdout(sys.stderr):
-        tuner.fit()  # Tune catches Ctrl-C itself: it stops the trials, saves its state and returns
+    _note = hooks.note
+    try:
+        with pinned_ray_address(), contextlib.redirect_stdout(sys.stderr):
+            tuner.fit()  # Tune catches Ctrl-C itself: it stops the trials, saves its state and returns
+    finally:
+        _note = None
     report = write_report(sweep_dir, final=True)
-    if not quiet:
-        from raybig.tune.report import print_report
-
-        print_report(report)
     if report["counts"]["interrupted"] or len(report["trials"]) < spec.total_trials():
-        console.print(f"[yellow]sweep interrupted[/yellow]: run the same spec again to resume it "
-                      f"({report['counts']['interrupted']} trials resume from their last checkpoint)")
+        hooks.note(f"sweep interrupted: run the same spec again to resume it "
+                   f"({report['counts']['interrupted']} trials resume from their last checkpoint)")
         raise KeyboardInterrupt
     return report

@@ -29,11 +29,13 @@ TRIAL_JSON = "trial.json"
 
 
 def trial_name(trial_id: str) -> str:
+    """`trial_<id>`: the trial's directory and Train run name."""
     # Stable across Tuner.restore (trial ids are restored), so a resumed trial's Train run resumes too.
     return f"trial_{trial_id}"
 
 
 def read_json(uri: str, default: Any = None) -> Any:
+    """JSON at `uri`, or `default` when it is missing or unreadable."""
     try:
         return json.loads(storage.read_text(uri))
     except (FileNotFoundError, OSError, ValueError):
@@ -74,6 +76,7 @@ class SweepReportCallback(TuneReportCallback):
         return carry
 
     def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
+        """Forward rank 0's report to Tune with val_loss carried forward (held back until it exists)."""
         if self.carry is None:
             self.carry = self._load_carry()
         m = dict(metrics[0])
