@@ -1,6 +1,12 @@
-"""Serving benchmark: batching, Serve overhead, KV cache, int8. Prints markdown tables.
+"""Serving benchmark: continuous vs static batching, Serve overhead, KV cache, int8. Prints markdown.
 
     .venv/bin/python benchmarks/serve_bench.py [--preset gpt-tiny] [--max-tokens 32]
+    .venv/bin/python benchmarks/serve_bench.py --skip-engine --skip-serve --cb   # issue 16's figures
+
+`--cb`: continuous (`batching.mode: continuous`) against the static `@serve.batch` engine
+(`batching.mode: static`), both max_num_seqs 32, at 8 and 32 streaming clients whose max_tokens are
+drawn uniformly from 16..256 (same draws for both): throughput (generated tokens/s) and p99 time to
+first token (first streamed event), and the latency Serve adds over the in-process engine at 1 client.
 
 Weights are random (throughput does not depend on training). Starts its own embedded Ray and a
 Serve proxy on free ports; everything is shut down at the end.
@@ -9,6 +15,7 @@ Serve proxy on free ports; everything is shut down at the end.
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import tempfile
 import time
@@ -19,17 +26,17 @@ import requests
 import torch
 
 from raybig.model import GPT, GPTConfig
-from raybig.tokenizer import encode
-from raybig.serve.engine import Batch, Row, quantize_int8
+from raybig.serve.engine import Batch, Engine, Row, quantize_int8
 from raybig.spec.models import PRESETS
+from raybig.tokenizer import encode
 from raybig.train.export import load_model, write_export
 
 PROMPT = "def fibonacci(n):\n    "
 
 
-def make_export(preset: str, root: str) -> str:
+def make_export(preset: str, root: str, block_size: int | None = None) -> str:
     torch.manual_seed(0)
-    cfg = GPTConfig(**PRESETS[preset])
+    cfg = GPTConfig(**{**PRESETS[preset], **({"block_size": block_size} if block_size else {})})
     model = GPT(cfg)
     write_export(f"{root}/run", model.state_dict(), cfg.to_dict(), tied=GPT.tied_keys, name=preset)
     return f"{root}/run"
@@ -153,6 +160,89 @@ def engine_section(preset: str, kv_preset: str, reps: int) -> list[str]:
             f"| {preset}: int8 dynamic, batch 8, 32 tokens | {i8:.0f} | **{r8:.2f}x** |"]
 
 
+def stream_one(url: str, max_tokens: int) -> tuple[float, float, int]:
+    """One streamed greedy request: (time to first token s, latency s, completion tokens)."""
+    body = {"prompt": PROMPT, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}}
+    t = time.perf_counter()
+    ttft, toks = None, 0
+    with requests.post(f"{url}/completions", json=body, stream=True, timeout=900) as r:
+        r.raise_for_status()
+        for line in r.iter_lines():
+            if not line.startswith(b"data: {"):
+                continue
+            if ttft is None:
+                ttft = time.perf_counter() - t
+            ev = json.loads(line[6:])
+            if ev.get("usage"):
+                toks = ev["usage"]["completion_tokens"]
+    return ttft or 0.0, time.perf_counter() - t, toks
+
+
+def cb_load(url: str, clients: int, draws: list[int]) -> dict[str, float]:
+    """`clients` closed-loop clients work through `draws` (one request per max_tokens value)."""
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        res = list(pool.map(lambda m: stream_one(url, m), draws))
+    wall = time.perf_counter() - t0
+    return {"tok_s": sum(r[2] for r in res) / wall, "rps": len(draws) / wall,
+            "ttft_p50": pct([r[0] for r in res], 0.5) * 1e3, "ttft_p99": pct([r[0] for r in res], 0.99) * 1e3,
+            "lat_p50": pct([r[1] for r in res], 0.5) * 1e3}
+
+
+def cb_section(ckpt: str, per_client: int, seed: int) -> list[str]:
+    import random
+
+    import ray
+    from ray import serve
+
+    from raybig.cluster.ray_env import ensure_ray, free_port
+    from raybig.serve.deploy import deploy, wait_running
+    from raybig.spec import load_spec_text
+
+    info = ensure_ray(num_cpus=4, dashboard=True)
+    serve.start(http_options={"host": "127.0.0.1", "port": free_port()})
+    dash = f"http://{info['dashboard_url']}"
+    urls = {}
+    for mode in ("continuous", "static"):
+        spec = load_spec_text(f"kind: serve\nname: cb-{mode}\ncheckpoint: {ckpt}\nroute_prefix: /cb-{mode}\n"
+                              f"resources: {{num_cpus: 1}}\nbatching: {{mode: {mode}, max_num_seqs: 32, "
+                              f"max_ongoing_requests: 64, batch_wait_timeout_s: 0.01}}\n"
+                              f"generation: {{max_tokens: 16, max_new_tokens: 256, max_prompt_tokens: 64}}\n")
+        deploy(spec, dash)
+        urls[mode] = wait_running(spec.name, dash, timeout_s=300)["url"]
+    for u in urls.values():
+        cb_load(u, 2, [8, 8])  # warm up
+    rng = random.Random(seed)
+    rows = ["| clients | requests | continuous tok/s | static tok/s | **throughput ratio** | continuous p99 TTFT ms "
+            "| static p99 TTFT ms | **p99 TTFT ratio** |", "|---|---|---|---|---|---|---|---|"]
+    for clients in (8, 32):
+        draws = [rng.randint(16, 256) for _ in range(clients * per_client)]
+        c, st = cb_load(urls["continuous"], clients, draws), cb_load(urls["static"], clients, draws)
+        rows.append(f"| {clients} | {len(draws)} | {c['tok_s']:.0f} | {st['tok_s']:.0f} | "
+                    f"**{c['tok_s'] / st['tok_s']:.2f}x** | {c['ttft_p99']:.0f} | {st['ttft_p99']:.0f} | "
+                    f"**{c['ttft_p99'] / st['ttft_p99']:.2f}x** |")
+    # Serve-added latency at 1 client: the continuous app vs the same engine in-process.
+    model, _ = load_model(ckpt)
+    torch.set_num_threads(1)
+    ts = []
+    for _ in range(10):
+        t = time.perf_counter()
+        e = Engine(model, 32, 64 + 256)
+        e.add([Row(encode(PROMPT), 32, 0.0)], lambda toks: None)
+        while e.has_work:
+            e.step()
+        ts.append(time.perf_counter() - t)
+    inproc = statistics.median(ts) * 1e3
+    served = load(urls["continuous"], 1, 10, 32)["p50"]
+    rows += ["", "| 1 client, 32 tokens, continuous | p50 latency ms |", "|---|---|",
+             f"| in-process engine (1 thread) | {inproc:.1f} |", f"| over Serve HTTP | {served:.1f} |",
+             f"| Serve-added | {served - inproc:.1f} ms (**{served / inproc:.2f}x**) |"]
+    serve.shutdown()
+    ray.shutdown()
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--preset", default="gpt-tiny")
@@ -163,7 +253,15 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--skip-serve", action="store_true")
     ap.add_argument("--batch-wait", type=float, default=0.05, help="batch_wait_timeout_s with batching on")
+    ap.add_argument("--cb", action="store_true", help="continuous vs static batching (issue 16)")
+    ap.add_argument("--per-client", type=int, default=2, help="--cb: requests per client")
     a = ap.parse_args()
+    if a.cb:
+        with tempfile.TemporaryDirectory() as root:
+            ckpt = make_export(a.preset, root, block_size=512)
+            out = ["", f"### Continuous vs static batching ({a.preset}, block 512, 1 replica of 1 CPU, "
+                   "max_tokens ~ U[16, 256], streamed, greedy)", ""] + cb_section(ckpt, a.per_client, 0)
+            print("\n".join(out), flush=True)
     with tempfile.TemporaryDirectory() as root:
         ckpt = make_export(a.preset, root)
         if not a.skip_engine:

@@ -108,6 +108,8 @@ METRICS: dict[str, MetricDef] = {m.name: m for m in [
     MetricDef("raybig_serve_generated_tokens", "counter", "Tokens generated.", _SERVE, serve=True),
     MetricDef("raybig_serve_batch_size", "histogram", "Requests per generation batch.", _SERVE,
               tuple(BATCH_BUCKETS), serve=True),
+    MetricDef("raybig_serve_cancelled", "counter", "Requests whose client went away mid-generation "
+              "(their rows removed from the engine).", _SERVE, serve=True),
     # scheduler
     MetricDef("raybig_scheduler_queue_depth", "gauge", "Jobs waiting in the queue.", ("priority",)),
     MetricDef("raybig_scheduler_wait_time_seconds", "histogram", "Time from submit to admission.",
@@ -330,6 +332,11 @@ class RequestTimer:
 def serve_batch(model: str, size: int) -> None:
     """The size of one generation batch (requests in it)."""
     emit("raybig_serve_batch_size", size, model=model)
+
+
+def serve_cancelled(model: str) -> None:
+    """One request cancelled because its client disconnected (exported as ..._cancelled_total)."""
+    emit("raybig_serve_cancelled", 1, model=model)
 
 
 def status_class(code: int) -> str:

@@ -67,6 +67,103 @@ class KVCache:
         return k, v
 
 
+class SlotKVCache:
+    """Preallocated keys/values for `slots` sequences of up to `max_len` tokens (continuous batching).
+
+    `k` and `v` are (L, N, H, M, D) in the model's dtype: L layers, N slots, M = `max_len`. A token at
+    absolute position p of the sequence in slot s lives at index p of slot s, so a slot needs no
+    padding and nothing is ever concatenated; a slot is reused as is (stale keys past a row's
+    position are hidden by the causal rule `key <= query position`).
+
+    Before each `GPT.forward(idx, positions=..., cache=cache)` the caller picks the slots of the B
+    rows with `select(slots)`; the forward then writes each row's T new keys at its `positions` and
+    attends over indices 0..max(positions) of its slot.
+    """
+
+    def __init__(self, n_layer: int, slots: int, n_head: int, max_len: int, head_dim: int,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+        shape = (n_layer, slots, n_head, max_len, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.max_len = max_len
+        self.rows = torch.zeros(0, dtype=torch.long, device=device)  # (B,) slot of each row
+        self.positions = torch.zeros(0, 0, dtype=torch.long, device=device)  # (B, T) this call's positions
+        self.all_logits = False
+        """True: the next forwards return logits of every position, (B, T, V) (prompt scoring);
+        False: of the last position only, (B, 1, V), computed exactly as with a `KVCache`."""
+
+    @classmethod
+    def for_model(cls, model: GPT, slots: int, max_len: int) -> SlotKVCache:
+        """A cache shaped for `model` (its layers, heads, head size, dtype and device)."""
+        c = model.config
+        w = model.wte.weight
+        return cls(c.n_layer, slots, c.n_head, max_len, c.n_embd // c.n_head, w.dtype, w.device)
+
+    def select(self, slots: list[int]) -> None:
+        """Bind the next forward's B rows to these slots (one per row, distinct)."""
+        self.rows = torch.tensor(slots, dtype=torch.long, device=self.k.device)
+
+    def start(self, positions: torch.Tensor) -> torch.Tensor | None:
+        """Record this forward's (B, T) positions; the attention mask it needs, (B, 1, T, S) bool.
+
+        None when every row's new tokens are the last T of S keys (one row, or rows in step): then
+        the plain causal rules of `CausalSelfAttention` apply, exactly as with a `KVCache`.
+
+        Raises:
+            ValueError: a position is negative or >= max_len, or the rows do not match `select`.
+        """
+        B, T = positions.shape
+        if B != self.rows.numel():
+            raise ValueError(f"{B} rows but {self.rows.numel()} slots selected")
+        if int(positions.min()) < 0 or int(positions.max()) >= self.max_len:
+            raise ValueError(f"positions must lie in [0, {self.max_len})")
+        self.positions = positions
+        S = int(positions.max()) + 1
+        if bool((positions[:, -1] == S - 1).all()) and bool((positions[:, 0] == S - T).all()):
+            return None
+        keys = torch.arange(S, device=positions.device)
+        return (keys.view(1, 1, S) <= positions.view(B, T, 1)).view(B, 1, T, S)
+
+    def update(self, i: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write layer `i`'s new keys/values (B, H, T, D) at the recorded positions.
+
+        Returns the rows' keys/values 0..S-1, (B, H, S, D) contiguous, S = max position + 1.
+        """
+        rows, pos = self.rows.view(-1, 1), self.positions  # (B, 1), (B, T)
+        self.k[i][rows, :, pos] = k.transpose(1, 2)  # advanced indices first: (B, T, H, D)
+        self.v[i][rows, :, pos] = v.transpose(1, 2)
+        S = int(pos.max()) + 1
+        return (self.k[i, :, :, :S].index_select(0, self.rows),
+                self.v[i, :, :, :S].index_select(0, self.rows))
+
+
+class Linear(nn.Linear):
+    """nn.Linear with GPT-2's init, N(0, std) weights and zero bias, done in its own constructor.
+
+    Each module initialises itself (rather than the GPT re-initialising everything afterwards) so a
+    build under `deepspeed.zero.Init`, which partitions every module's parameters as its constructor
+    returns, draws exactly the same numbers as a whole-model build with the same seed.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, std: float = 0.02):
+        self.init_std = std  # read by reset_parameters, which nn.Linear.__init__ calls
+        super().__init__(in_features, out_features, bias=bias)
+
+    def reset_parameters(self) -> None:
+        """N(0, init_std) weight, zero bias."""
+        nn.init.normal_(self.weight, mean=0.0, std=self.init_std)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+
+class Embedding(nn.Embedding):
+    """nn.Embedding with GPT-2's N(0, 0.02) init in its own constructor (see `Linear`)."""
+
+    def reset_parameters(self) -> None:
+        """N(0, 0.02) weight."""
+        nn.init.normal_(self.weight, mean=0.0, std=0.02)
+
+
 class LayerNorm(nn.Module):
     """LayerNorm with optional bias (torch's cannot turn the bias off on older versions)."""
 
@@ -86,13 +183,13 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
         self.n_head, self.n_embd = cfg.n_head, cfg.n_embd
-        self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)
-        self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.c_attn = Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)
+        self.c_proj = Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias, std=resid_std(cfg))
         self.dropout = cfg.dropout
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, cache: KVCache | None = None,
-                layer: int = 0) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None,
+                cache: KVCache | SlotKVCache | None = None, layer: int = 0) -> torch.Tensor:
         """(B, T, C) -> (B, T, C).
 
         `mask` (B, 1, T, S) bool, True = may attend, replaces the causal rule when given. Without it:
@@ -125,13 +222,18 @@ class MLP(nn.Module):
 
     def __init__(self, cfg: GPTConfig):
         super().__init__()
-        self.c_fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd, bias=cfg.bias)
-        self.c_proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.c_fc = Linear(cfg.n_embd, 4 * cfg.n_embd, bias=cfg.bias)
+        self.c_proj = Linear(4 * cfg.n_embd, cfg.n_embd, bias=cfg.bias, std=resid_std(cfg))
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, T, C) -> (B, T, C)."""
         return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+
+
+def resid_std(cfg: GPTConfig) -> float:
+    """GPT-2's init std of the residual projections (c_proj): 0.02 / sqrt(2 * n_layer)."""
+    return 0.02 / math.sqrt(2 * cfg.n_layer)
 
 
 class Block(nn.Module):
@@ -144,8 +246,8 @@ class Block(nn.Module):
         self.ln_2 = LayerNorm(cfg.n_embd, cfg.bias)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, cache: KVCache | None = None,
-                layer: int = 0) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None,
+                cache: KVCache | SlotKVCache | None = None, layer: int = 0) -> torch.Tensor:
         """(B, T, C) -> (B, T, C); `mask`, `cache`, `layer` as in `CausalSelfAttention.forward`."""
         x = x + self.attn(self.ln_1(x), mask, cache, layer)
         return x + self.mlp(self.ln_2(x))
@@ -160,27 +262,14 @@ class GPT(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
         self.config = cfg
-        self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
-        self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd)
+        # Every module initialises itself (GPT-2's init; see `Linear`), so zero.Init builds match.
+        self.wte = Embedding(cfg.vocab_size, cfg.n_embd)
+        self.wpe = Embedding(cfg.block_size, cfg.n_embd)
         self.drop = nn.Dropout(cfg.dropout)
         self.h = nn.ModuleList([Block(cfg) for _ in range(cfg.n_layer)])
         self.ln_f = LayerNorm(cfg.n_embd, cfg.bias)
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         self.lm_head.weight = self.wte.weight  # tied embeddings
-        self.apply(self._init_weights)
-        # GPT-2: scale residual projections by 1/sqrt(2 * n_layer).
-        for name, p in self.named_parameters():
-            if name.endswith("c_proj.weight"):
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
-
-    @staticmethod
-    def _init_weights(m: nn.Module) -> None:
-        if isinstance(m, nn.Linear):
-            nn.init.normal_(m.weight, mean=0.0, std=0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.Embedding):
-            nn.init.normal_(m.weight, mean=0.0, std=0.02)
 
     def num_params(self, non_embedding: bool = False) -> int:
         """Parameters (the tied head counted once); `non_embedding` leaves out the position table."""
@@ -189,7 +278,7 @@ class GPT(nn.Module):
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *,
                 positions: torch.Tensor | None = None, key_mask: torch.Tensor | None = None,
-                cache: KVCache | None = None) -> torch.Tensor:
+                cache: KVCache | SlotKVCache | None = None) -> torch.Tensor:
         """Logits, or the training loss, for token ids `idx`.
 
         Args:
@@ -201,17 +290,32 @@ class GPT(nn.Module):
             key_mask: (B, S) bool, S = cache.length + T: False hides that key (a pad) from every
                 query. Default: no key hidden. A query whose own key is hidden attends to itself
                 only, so no softmax row is empty.
-            cache: a `KVCache` to attend over and append this call's keys/values to (inference).
+            cache: a `KVCache` to attend over and append this call's keys/values to (inference);
+                or a `SlotKVCache` (continuous batching): `positions` required, `key_mask` unused,
+                rows bound to slots by `SlotKVCache.select`; each row's new keys are written at its
+                positions and it attends to its slot's keys up to each query's position.
 
         Returns:
-            (B, T, V) logits in the model's dtype; with a `cache`, (B, 1, V) logits of the last
-            position only (all that decoding needs, as nanoGPT does at inference); with `targets`,
+            (B, T, V) logits in the model's dtype; with a `KVCache`, (B, 1, V) logits of the last
+            position only (all that decoding needs, as nanoGPT does at inference); with a
+            `SlotKVCache`, the same, or (B, T, V) if its `all_logits` is set; with `targets`,
             the loss.
 
         Raises:
             AssertionError: positions run past `block_size` (default positions only).
+            ValueError: a `SlotKVCache` without `positions`, or positions outside its slots.
         """
         B, T = idx.size()
+        if isinstance(cache, SlotKVCache):
+            if positions is None:
+                raise ValueError("a SlotKVCache needs explicit positions (B, T)")
+            mask = cache.start(positions)  # (B, 1, T, S) or None
+            x = self.drop(self.wte(idx) + self.wpe(positions))  # (B, T, C)
+            for i, block in enumerate(self.h):
+                x = block(x, mask, cache, i)
+            if cache.all_logits:
+                return self.lm_head(self.ln_f(x))  # (B, T, V)
+            return self.lm_head(self.ln_f(x[:, -1:, :]))  # (B, 1, V), the same call as with a KVCache
         past = cache.length if cache is not None else 0
         if positions is None:
             assert past + T <= self.config.block_size, \

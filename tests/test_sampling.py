@@ -156,3 +156,40 @@ def test_a_failed_forward_fails_every_row_without_raising():
     rows = [Row([1, 2], 3, 0.0), Row([3], 3, 1.0)]
     assert Batch(Broken(), rows).step() == [None, None]
     assert all(r.done and r.error == "RuntimeError: boom" for r in rows)
+
+
+def run_continuous(model: torch.nn.Module, bodies: list[dict]) -> list[Job]:
+    """What a replica's continuous-batching engine does for requests that arrived together."""
+    from raybig.serve.engine import Engine
+    from raybig.serve.schema import feed_job
+
+    jobs = [build_job(parse_request(json.dumps(b).encode()), "t", GEN, CONTEXT) for b in bodies]
+    engine = Engine(model, max_num_seqs=4, max_len=CONTEXT, max_prefill_tokens=4)
+    for j in jobs:
+        engine.add(j.rows, lambda toks, j=j: feed_job(j, toks))
+    while engine.has_work:
+        engine.step()
+    return jobs
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16", "int8"])
+def test_continuous_engine_tiny_temperature_and_a_failing_row_leave_the_greedy_mate_alone(models, dtype):
+    """Issue 21's cases through the continuous engine: a tiny temperature samples as argmax, and a row
+    whose sampling raises fails its own request only; the greedy mate's text is unchanged."""
+    alone = run_continuous(models[dtype], [MATE])[0].choices[0].text
+    job, mate = run_continuous(models[dtype], [{"prompt": "x", "max_tokens": 2, "temperature": 1e-39}, MATE])
+    assert job.error is None and len(job.choices[0].row.out) == 2
+    assert mate.error is None and mate.choices[0].text == alone
+    from raybig.serve.engine import Engine
+    from raybig.serve.schema import feed_job
+
+    broken = build_job(parse_request(b'{"prompt": "ab", "n": 2, "temperature": 1.0}'), "t", GEN, CONTEXT)
+    broken.choices[1].row.generator = "not a generator"  # torch.multinomial raises TypeError
+    mate = build_job(parse_request(json.dumps(MATE).encode()), "t", GEN, CONTEXT)
+    engine = Engine(models[dtype], max_num_seqs=4, max_len=CONTEXT)
+    for j in (broken, mate):
+        engine.add(j.rows, lambda toks, j=j: feed_job(j, toks))
+    while engine.has_work:
+        engine.step()
+    assert broken.error is not None and broken.error.status == 500 and "TypeError" in broken.error.message
+    assert mate.error is None and mate.choices[0].text == alone

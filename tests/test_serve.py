@@ -143,6 +143,100 @@ def test_tiny_temperature_beside_greedy_requests_answers_200_and_leaves_them_unc
             assert r.status_code == 200 and r.json()["choices"][0]["text"] == want, (r.text, want)
 
 
+def test_greedy_output_is_identical_alone_and_among_requests_joining_and_leaving(main_app, ckpt):
+    """Continuous batching: other requests (streamed or not, of many lengths) join and leave while
+    greedy PROMPT requests run; each still gets exactly the in-process greedy text."""
+    auth = {"Authorization": f"Bearer {KEY}"}
+    want = in_process_greedy(ckpt, PROMPT, 32)
+
+    def greedy(delay: float) -> str:
+        time.sleep(delay)
+        r = requests.post(f"{main_app}/completions", headers=auth, timeout=60,
+                          json={"prompt": PROMPT, "max_tokens": 32, "temperature": 0})
+        assert r.status_code == 200, r.text
+        return r.json()["choices"][0]["text"]
+
+    def other(i: int) -> int:
+        time.sleep(0.02 * i)
+        body = {"prompt": "x" * (1 + 5 * i), "max_tokens": 4 + 7 * i, "temperature": 0.8, "stream": i % 2 == 0}
+        r = requests.post(f"{main_app}/completions", headers=auth, json=body, timeout=60)
+        return r.status_code
+
+    with ThreadPoolExecutor(10) as pool:
+        others = [pool.submit(other, i) for i in range(6)]
+        mine = [pool.submit(greedy, d) for d in (0.0, 0.05, 0.15, 0.3)]
+        assert [f.result() for f in mine] == [want] * 4
+        assert [f.result() for f in others] == [200] * 6
+    stats = requests.get(f"{main_app}/engine/stats", headers=auth, timeout=30).json()
+    assert stats["active"] == 0 and stats["waiting"] == 0
+
+
+def test_logprobs_and_echo_match_teacher_forced_forward_and_chat_needs_a_template(main_app, ckpt):
+    from openai import BadRequestError, OpenAI
+
+    from raybig.tokenizer import encode
+    from raybig.train.export import load_model
+
+    client = OpenAI(base_url=main_app, api_key=KEY, max_retries=0)
+    r = client.completions.create(model="t-main", prompt=PROMPT, max_tokens=5, temperature=0, logprobs=2,
+                                  echo=True)
+    lp = r.choices[0].logprobs
+    ids = [ord(t) if len(t) == 1 else int(t[len("bytes:\\x"):], 16) for t in lp.tokens]  # byte tokens
+    assert r.choices[0].text.startswith(PROMPT) and len(ids) == len(PROMPT) + 5 and ids[:len(PROMPT)] == encode(PROMPT)
+    model, _ = load_model(ckpt)
+    with torch.inference_mode():
+        want = torch.log_softmax(model(torch.tensor([ids])).float(), -1)[0]
+    assert lp.token_logprobs[0] is None
+    assert max(abs(lp.token_logprobs[i] - float(want[i - 1, ids[i]])) for i in range(1, len(ids))) < 1e-4
+    # max_tokens 0 with echo: the prompt's logprobs only (how harnesses score log-likelihoods)
+    s = client.completions.create(model="t-main", prompt=PROMPT, max_tokens=0, echo=True, logprobs=1)
+    assert s.choices[0].text == PROMPT and s.usage.completion_tokens == 0
+    assert s.choices[0].logprobs.token_logprobs[1:] == pytest.approx(lp.token_logprobs[1:len(PROMPT)], abs=1e-4)
+    for kwargs, param in (({"logprobs": 6}, "logprobs"), ({"max_tokens": 0}, "max_tokens")):
+        with pytest.raises(BadRequestError) as e:
+            client.completions.create(model="t-main", prompt=PROMPT, **kwargs)
+        assert e.value.body["param"] == param
+    for stream in (False, True):
+        with pytest.raises(BadRequestError) as e:
+            client.chat.completions.create(model="t-main", messages=[{"role": "user", "content": "hi"}],
+                                           stream=stream)
+        assert "model has no chat template" in str(e.value)
+    auth = {"Authorization": f"Bearer {KEY}"}
+    for msgs in ([{"role": "wizard", "content": "x"}], [{"content": "x"}], "x", []):
+        r2 = requests.post(f"{main_app}/chat/completions", json={"messages": msgs}, headers=auth, timeout=30)
+        assert r2.status_code == 400 and r2.json()["error"]["param"] == "messages", r2.text
+
+
+def test_twenty_streams_closed_early_leave_no_row_generating(ckpt, dash):
+    """Cancellation under load: every stream is closed after its first event; the engine's rows
+    (running and waiting) drain at once, generation stops, and memory returns to the baseline."""
+    url = deploy("t-cancel", ckpt, dash, "batching: {max_num_seqs: 4, max_ongoing_requests: 32}\n"
+                 "generation: {max_tokens: 120, max_new_tokens: 120, max_prompt_tokens: 8}\n")
+    base = requests.get(f"{url}/engine/stats", timeout=30).json()
+
+    def stream(i: int) -> bool:
+        with requests.post(f"{url}/completions", json={"prompt": "def ", "max_tokens": 120, "stream": True},
+                           stream=True, timeout=60) as r:
+            assert r.status_code == 200
+            return next(r.iter_lines()).startswith(b"data: ")  # then closed: the client goes away
+
+    with ThreadPoolExecutor(20) as pool:
+        assert all(pool.map(stream, range(20)))
+    deadline, st = time.monotonic() + 10, {}
+    while time.monotonic() < deadline:
+        st = requests.get(f"{url}/engine/stats", timeout=30).json()
+        if st["active"] == 0 and st["waiting"] == 0:
+            break
+        time.sleep(0.05)
+    assert st["active"] == 0 and st["waiting"] == 0, st
+    time.sleep(0.5)
+    later = requests.get(f"{url}/engine/stats", timeout=30).json()
+    assert later["generated_tokens"] == st["generated_tokens"] and later["steps"] == st["steps"]  # nothing runs
+    assert st["cancelled_rows"] - base["cancelled_rows"] >= 10, st  # most were cut mid-generation
+    assert st["generated_tokens"] - base["generated_tokens"] < 20 * 120 // 2, st
+    assert later["rss_bytes"] - base["rss_bytes"] < 64 * 2**20, (base, later)
+
+
 BAD = [  # (body, headers, status, param)
     (b'{"prompt": "x"', {}, 400, None),
     (b'"just a string"', {}, 400, None),
@@ -300,3 +394,36 @@ def _replica_ids(dash: str, app: str) -> set[str]:
 
     d = _client(dash).get_serve_details()["applications"][app]["deployments"]["Completions"]
     return {r["replica_id"] for r in d["replicas"]}
+
+
+def test_hf_llama_export_serves_completions_and_chat_with_its_tokenizer(dash, tmp_path_factory):
+    """Any save_pretrained causal LM (here a tiny Llama with a chat template) serves through the
+    same engine with its own tokenizer and EOS; chat is rendered by its template."""
+    import subprocess
+    import sys
+
+    from openai import OpenAI
+
+    from raybig.serve.engine import load_hf
+
+    folder = str(tmp_path_factory.mktemp("hf") / "llama")
+    subprocess.run([sys.executable, "scripts/make_tiny_hf.py", folder, "--arch", "llama"], check=True,
+                   capture_output=True)
+    url = deploy("t-hf", folder, dash, "generation: {max_tokens: 12, max_new_tokens: 32, max_prompt_tokens: 64}\n")
+    client = OpenAI(base_url=url, api_key="unused", max_retries=0)
+    model, tok = load_hf(folder)
+    ids = torch.tensor([tok.encode("def main():")])
+    with torch.inference_mode():
+        want = model.model.generate(ids, max_new_tokens=12, do_sample=False)[0, ids.size(1):].tolist()
+    r = client.completions.create(model="t-hf", prompt="def main():", max_tokens=12, temperature=0)
+    assert r.choices[0].text == tok.decode([t for t in want if t not in tok.eos][:r.usage.completion_tokens])
+    streamed = "".join(c.choices[0].text for c in client.completions.create(
+        model="t-hf", prompt="def main():", max_tokens=12, temperature=0, stream=True) if c.choices)
+    assert streamed == r.choices[0].text
+    chat = client.chat.completions.create(model="t-hf", messages=[{"role": "user", "content": "hi"}],
+                                          max_tokens=8, temperature=0)
+    assert chat.object == "chat.completion" and chat.choices[0].message.role == "assistant"
+    assert chat.choices[0].finish_reason in ("stop", "length") and chat.usage.prompt_tokens > 3
+    parts = list(client.chat.completions.create(model="t-hf", messages=[{"role": "user", "content": "hi"}],
+                                                max_tokens=8, temperature=0, stream=True))
+    assert "".join(p.choices[0].delta.content or "" for p in parts if p.choices) == chat.choices[0].message.content

@@ -176,7 +176,7 @@ def test_serve_config_is_declarative_and_holds_no_key(tmp_path, monkeypatch, gpt
     assert app["import_path"] == IMPORT_PATH and app["args"]["checkpoint"].endswith("/run/export")
     dep = app["deployments"][0]
     assert dep["autoscaling_config"]["max_replicas"] == 3 and dep["ray_actor_options"] == {"num_cpus": 0.5}
-    assert dep["max_ongoing_requests"] >= app["args"]["max_batch_size"]
+    assert dep["max_ongoing_requests"] >= app["args"]["max_num_seqs"]
     assert "super-secret-key" not in json.dumps(cfg) and len(app["args"]["api_key_sha256"]) == 64
     assert serve_config(spec) == cfg  # same spec, same config: redeploy is a no-op
 

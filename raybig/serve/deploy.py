@@ -35,6 +35,8 @@ def deployment_options(spec: ServeSpec) -> dict[str, Any]:
 
 def app_args(spec: ServeSpec, checkpoint: str | None = None) -> dict[str, Any]:
     """Builder args. Raises ServeError if the checkpoint has no export or the key env var is unset."""
+    if spec.engine == "vllm":
+        raise ServeError("engine: vllm is not wired into this build yet; use engine: raybig")
     try:
         ckpt = resolve_export(checkpoint or spec.checkpoint)
     except FileNotFoundError as e:
@@ -45,7 +47,8 @@ def app_args(spec: ServeSpec, checkpoint: str | None = None) -> dict[str, Any]:
         raise ServeError(f"api_key_env: environment variable {spec.api_key_env} is not set") from None
     threads = spec.resources.torch_threads or max(1, int(spec.resources.num_cpus))
     return {"checkpoint": ckpt, "model_name": spec.name, "quantize": spec.quantize,
-            "generation": spec.generation.model_dump(), "max_batch_size": spec.batching.batch_size,
+            "generation": spec.generation.model_dump(), "max_num_seqs": spec.batching.batch_size,
+            "batching_mode": spec.batching.mode, "max_prefill_tokens": spec.batching.max_prefill_tokens,
             "batch_wait_timeout_s": spec.batching.batch_wait_timeout_s if spec.batching.enabled else 0.0,
             "torch_threads": threads, "api_key_sha256": digest, "deployment": deployment_options(spec)}
 

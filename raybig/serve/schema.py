@@ -1,4 +1,4 @@
-"""OpenAI completions schema: request validation, errors, and per-request text state.
+"""OpenAI completions and chat schema: request validation, errors, and per-request text state.
 
 Everything a client sends is checked here and turned into `ApiError` (an OpenAI-shaped 4xx),
 so nothing a client sends can reach the model as something that raises a 500.
@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from raybig.model import is_greedy
 from raybig.serve.engine import Row
-from raybig.tokenizer import encode
+from raybig.tokenizer import BYTE_VOCAB, decode, encode
 
 
 class ApiError(Exception):
@@ -40,8 +40,9 @@ class CompletionRequest(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True)
 
     model: str | None = None
-    prompt: str | list[str]
-    max_tokens: int | None = Field(None, ge=1)
+    prompt: str | list[str] | list[int] | list[list[int]]
+    """Text, texts, token ids, or lists of token ids (what lm-eval's local-completions sends)."""
+    max_tokens: int | None = Field(None, ge=0)
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     stop: str | list[str] | None = None
@@ -51,6 +52,55 @@ class CompletionRequest(BaseModel):
     stream_options: dict[str, Any] | None = None
     echo: bool = False
     logprobs: int | None = None
+    user: str | None = None
+
+
+MAX_LOGPROBS = 5
+"""Most top log-probabilities per token a request may ask for (OpenAI's completions limit too)."""
+
+ROLES = ("system", "developer", "user", "assistant", "tool")
+
+
+class ChatMessage(BaseModel):
+    """One chat message: a known role and text content (a string, or a list of `text` parts)."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    role: str
+    content: str | list[dict[str, Any]] | None = None
+    name: str | None = None
+
+    def text(self) -> str:
+        """The content as one string; raises ValueError for non-text parts."""
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        out = []
+        for part in self.content:
+            if part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise ValueError("only text content parts are supported")
+            out.append(part["text"])
+        return "".join(out)
+
+
+class ChatRequest(BaseModel):
+    """POST /v1/chat/completions (the fields raybig honours; others are ignored)."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    model: str | None = None
+    messages: list[ChatMessage]
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    stop: str | list[str] | None = None
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    n: int = Field(1, ge=1)
+    stream: bool = False
+    stream_options: dict[str, Any] | None = None
+    logprobs: bool = False
     user: str | None = None
 
 
@@ -78,7 +128,58 @@ def body_limit(gen: Any) -> int:
 
 
 def parse_request(raw: bytes) -> CompletionRequest:
-    """The request body as a `CompletionRequest`; raises `ApiError` 400 naming the bad field."""
+    """The request body as a `CompletionRequest`; raises `ApiError` 400 naming the bad field.
+
+    `logprobs` must lie in 0..`MAX_LOGPROBS`; `max_tokens: 0` only with `echo` (scoring a prompt);
+    `logprobs` and `echo` are not supported with `stream`.
+    """
+    req = _parse(raw, CompletionRequest)
+    if req.logprobs is not None and not 0 <= req.logprobs <= MAX_LOGPROBS:
+        raise ApiError(400, f"logprobs must be between 0 and {MAX_LOGPROBS} (got {req.logprobs})",
+                       param="logprobs")
+    if req.max_tokens == 0 and not req.echo:
+        raise ApiError(400, "max_tokens must be at least 1 (0 only with echo, to score the prompt)",
+                       param="max_tokens")
+    if req.stream and (req.echo or req.logprobs is not None):
+        raise ApiError(400, "logprobs and echo are not supported with stream",
+                       param="echo" if req.echo else "logprobs")
+    return req
+
+
+def parse_chat(raw: bytes) -> ChatRequest:
+    """The body as a `ChatRequest`; raises `ApiError` 400 for malformed messages or unknown roles."""
+    req = _parse(raw, ChatRequest)
+    if not req.messages:
+        raise ApiError(400, "messages must not be empty", param="messages")
+    for i, m in enumerate(req.messages):
+        if m.role not in ROLES:
+            raise ApiError(400, f"messages[{i}].role {m.role[:40]!r} is not one of {', '.join(ROLES)}",
+                           param="messages")
+        try:
+            m.text()
+        except ValueError as e:
+            raise ApiError(400, f"messages[{i}].content: {e}", param="messages") from None
+    if req.logprobs:
+        raise ApiError(400, "logprobs is not supported on chat completions", param="logprobs")
+    return req
+
+
+def render_chat(req: ChatRequest, tokenizer: Any) -> str:
+    """The prompt text of `req.messages` by the tokenizer's chat template (generation prompt added).
+
+    Raises `ApiError` 400 when the model has no chat template (raybig's byte tokenizer).
+    """
+    if not getattr(tokenizer, "chat_template", None) or not hasattr(tokenizer, "apply_chat_template"):
+        raise ApiError(400, "model has no chat template", param="messages", code="no_chat_template")
+    msgs = [{"role": m.role, "content": m.text()} for m in req.messages]
+    try:
+        return str(tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True))
+    except Exception as e:  # noqa: BLE001 - a template that refuses these messages (jinja raise_exception)
+        raise ApiError(400, f"the chat template refused these messages: {str(e)[:200]}",
+                       param="messages") from None
+
+
+def _parse(raw: bytes, model: Any) -> Any:
     try:
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as e:
@@ -88,16 +189,12 @@ def parse_request(raw: bytes) -> CompletionRequest:
     if not isinstance(body, dict):
         raise ApiError(400, "The request body must be a JSON object.")
     try:
-        req = CompletionRequest.model_validate(body)
+        return model.model_validate(body)
     except ValidationError as e:
         err = e.errors(include_url=False)[0]
         param = str(err["loc"][0]) if err["loc"] else None
-        raise ApiError(400, f"Invalid value for '{param}': {err['msg']}", param=param) from None
-    if req.echo:
-        raise ApiError(400, "echo is not supported", param="echo")
-    if req.logprobs is not None:
-        raise ApiError(400, "logprobs is not supported", param="logprobs")
-    return req
+        where = "".join(f"[{x}]" if isinstance(x, int) else f".{x}" for x in err["loc"]).lstrip(".")
+        raise ApiError(400, f"Invalid value for '{where}': {err['msg']}", param=param) from None
 
 
 @dataclass
@@ -111,6 +208,10 @@ class Choice:
     finish_reason: str | None = None
     emitted: int = 0
     reported: bool = False  # finish_reason already streamed
+    echo_text: str = ""  # the prompt, when the request asked for echo
+    prompt_chars: int = 0  # characters of the prompt (where generated text's offsets start)
+    tok: Any = None  # the model's tokenizer (None: raybig's bytes, decoded incrementally here)
+    eos: frozenset[int] = frozenset()  # ids that end generation (finish_reason "stop")
     _dec: Any = field(default_factory=lambda: codecs.getincrementaldecoder("utf-8")(errors="replace"))
 
     def feed(self, tok: int | None) -> None:
@@ -120,8 +221,14 @@ class Choice:
         if tok is None and self.row.error is not None:
             self.finish_reason = "error"
             return
+        if tok is not None and tok in self.eos:
+            self.finish_reason, self.row.done = "stop", True
+            return
         if tok is not None:
-            self.text += self._dec.decode(bytes([tok]))
+            if self.tok is None:
+                self.text += self._dec.decode(bytes([tok]))
+            else:  # any tokenizer: decode the whole output (a token may change how its left neighbour reads)
+                self.text = self.tok.decode(self.row.out)
             for s in self.stop:
                 at = self.text.find(s, max(0, len(self.text) - len(s) - 4))
                 if at >= 0:
@@ -132,9 +239,36 @@ class Choice:
             self.finish_reason = "length"
             self.row.done = True
 
+    def logprobs(self) -> dict[str, Any] | None:
+        r"""OpenAI completions `logprobs`: {tokens, token_logprobs, top_logprobs, text_offset}.
+
+        Of the echoed prompt (first entry null) and the generated tokens; None unless asked for.
+
+        Tokens are byte tokens: printable ASCII as itself, other bytes as `bytes:\xNN`. Offsets
+        count characters from the start of the prompt, as OpenAI's do.
+        """
+        r = self.row
+        if r.logprobs is None:
+            return None
+        toks = (r.prompt if r.echo else []) + r.out
+        lps = (r.prompt_lps if r.echo else []) + list(r.lps)
+        dec = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        body: dict[str, list[Any]] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        at = 0 if r.echo else self.prompt_chars
+        for t, lp in zip(toks, lps, strict=False):
+            body["tokens"].append(token_text(t, self.tok))
+            body["token_logprobs"].append(None if lp is None else lp[0])
+            body["top_logprobs"].append(None if lp is None else
+                                        {token_text(i, self.tok): v for i, v in lp[1].items()})
+            body["text_offset"].append(at)
+            at += len(dec.decode(bytes([t]))) if self.tok is None else len(self.tok.decode([t]))
+        return body
+
     def delta(self) -> str:
         """New text that can be shown: holds back a tail that might still become a stop string."""
         hold = 0 if self.finish_reason else max((len(s) - 1 for s in self.stop), default=0)
+        if self.tok is not None and not self.finish_reason:  # a character still being decoded
+            hold = max(hold, len(self.text) - len(self.text.rstrip("\ufffd")))
         end = max(self.emitted, len(self.text) - hold)
         out, self.emitted = self.text[self.emitted:end], end
         return out
@@ -150,6 +284,8 @@ class Job:
     id: str = field(default_factory=lambda: f"cmpl-{uuid.uuid4().hex[:24]}")
     created: int = field(default_factory=lambda: int(time.time()))
     closed: bool = False
+    chat: bool = False  # a chat completion: chat.completion shapes
+    _role_sent: set[int] = field(default_factory=set)
 
     @property
     def rows(self) -> list[Row]:
@@ -184,9 +320,14 @@ class Job:
                 "total_tokens": self.prompt_tokens + comp}
 
     def response(self) -> dict[str, Any]:
-        """The whole non-streamed `text_completion` body."""
+        """The whole non-streamed `text_completion` (or `chat.completion`) body."""
+        if self.chat:
+            return {"id": self.id, "object": "chat.completion", "created": self.created, "model": self.model,
+                    "choices": [{"index": c.index, "message": {"role": "assistant", "content": c.text},
+                                 "logprobs": None, "finish_reason": c.finish_reason} for c in self.choices],
+                    "usage": self.usage()}
         return {"id": self.id, "object": "text_completion", "created": self.created, "model": self.model,
-                "choices": [{"text": c.text, "index": c.index, "logprobs": None,
+                "choices": [{"text": c.echo_text + c.text, "index": c.index, "logprobs": c.logprobs(),
                              "finish_reason": c.finish_reason} for c in self.choices],
                 "usage": self.usage()}
 
@@ -202,7 +343,23 @@ class Job:
         return parts
 
     def chunk(self, parts: list[tuple[int, str, str | None]], usage: bool = False) -> dict[str, Any]:
-        """One streamed `text_completion` event holding `parts` (and `usage` if asked)."""
+        """One streamed `text_completion` (or `chat.completion.chunk`) event holding `parts`.
+
+        With `usage`, the usage counts too.
+        """
+        if self.chat:
+            choices = []
+            for i, t, f in parts:
+                delta: dict[str, Any] = {"content": t} if t else {}
+                if i not in self._role_sent:
+                    delta["role"] = "assistant"
+                    self._role_sent.add(i)
+                choices.append({"index": i, "delta": delta, "logprobs": None, "finish_reason": f})
+            c: dict[str, Any] = {"id": self.id, "object": "chat.completion.chunk", "created": self.created,
+                                 "model": self.model, "choices": choices}
+            if usage:
+                c["usage"] = self.usage()
+            return c
         d = {"id": self.id, "object": "text_completion", "created": self.created, "model": self.model,
              "choices": [{"text": t, "index": i, "logprobs": None, "finish_reason": f} for i, t, f in parts]}
         if usage:
@@ -236,14 +393,71 @@ def feed_jobs(jobs: list[Job], toks: list[int | None]) -> list[Any]:
     return out
 
 
-def build_job(req: CompletionRequest, model_name: str, gen: Any, context: int | None) -> Job:
-    """Check a request against the spec's limits and the model's context; make its rows."""
+def token_text(t: int, tok: Any = None) -> str:
+    r"""A byte token as OpenAI-style text: printable ASCII as is, any other byte as `bytes:\xNN`."""
+    if tok is not None:  # the model's own tokenizer: the token's text
+        return str(tok.decode([t]))
+    return chr(t) if 32 <= t < 127 or t in (9, 10, 13) else f"bytes:\\x{t:02x}"
+
+
+def feed_job(job: Job, toks: dict[int, int | None]) -> list[tuple[int, str, str | None]] | None:
+    """Hand one engine step's tokens ({row index: token or None}) to the request's choices.
+
+    Returns the request's new `parts()`, or None once it has ended: every choice finished (the last
+    parts were returned before), or a row failed (the request is aborted; `job.error` says why).
+    """
+    if job.closed:
+        return None
+    for i, tok in toks.items():
+        job.choices[i].feed(tok)
+    if job.error is not None:
+        job.abort()
+        job.closed = True
+        return None
+    parts = job.parts()
+    job.closed = job.done
+    return parts
+
+
+def build_chat_job(req: ChatRequest, prompt: str, model_name: str, gen: Any, context: int | None,
+                   tokenizer: Any = None) -> Job:
+    """A chat request as a one-prompt completion job (rendered `prompt`), answered in chat shapes.
+
+    The rendered prompt already holds the template's special tokens, so none are added again.
+    """
+    ids = tokenizer.encode(prompt, special=False) if tokenizer is not None else encode(prompt)
+    creq = CompletionRequest(model=req.model, prompt=ids,
+                             max_tokens=req.max_completion_tokens or req.max_tokens,
+                             temperature=req.temperature, top_p=req.top_p, stop=req.stop, seed=req.seed,
+                             n=req.n, stream=req.stream, stream_options=req.stream_options)
+    job = build_job(creq, model_name, gen, context, tokenizer)
+    job.chat, job.id = True, f"chatcmpl-{uuid.uuid4().hex[:24]}"
+    return job
+
+
+def build_job(req: CompletionRequest, model_name: str, gen: Any, context: int | None,
+              tokenizer: Any = None) -> Job:
+    """Check a request against the spec's limits and the model's context; make its rows.
+
+    `tokenizer`: the model's (`encode`, `decode`, `vocab_size`, optional `eos` ids); None: bytes.
+    """
     if req.model is not None and req.model != model_name:
         raise ApiError(404, f"The model '{req.model}' does not exist; this server serves '{model_name}'.",
                        param="model", code="model_not_found")
-    prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
-    if not prompts:
+    if isinstance(req.prompt, str) or (req.prompt and isinstance(req.prompt[0], int)):
+        raw: list[Any] = [req.prompt]
+    else:
+        raw = list(req.prompt)
+    if not raw:
         raise ApiError(400, "prompt must not be an empty list", param="prompt")
+    enc, dec = (encode, decode) if tokenizer is None else (tokenizer.encode, tokenizer.decode)
+    vocab = BYTE_VOCAB if tokenizer is None else tokenizer.vocab_size
+    ids = [enc(p) if isinstance(p, str) else list(p) for p in raw]
+    if any(not 0 <= t < vocab for toks in ids for t in toks):
+        raise ApiError(400, f"prompt token ids must lie in [0, {vocab})", param="prompt")
+    prompts = [p if isinstance(p, str) else dec(p) for p in raw]
+    eos_id = getattr(tokenizer, "eos_id", None)  # raybig's BPE: <|endoftext|> ends a completion
+    eos = frozenset(getattr(tokenizer, "eos", ()) or (() if eos_id is None else (eos_id,)))
     if len(prompts) > gen.max_prompts:
         raise ApiError(400, f"at most {gen.max_prompts} prompts per request (got {len(prompts)})",
                        param="prompt")
@@ -258,7 +472,6 @@ def build_job(req: CompletionRequest, model_name: str, gen: Any, context: int | 
         raise ApiError(400, "stop takes at most 4 non-empty strings", param="stop")
     temp = gen.temperature if req.temperature is None else req.temperature
     top_p = gen.top_p if req.top_p is None else req.top_p
-    ids = [encode(p) for p in prompts]
     choices: list[Choice] = []
     for p, toks in enumerate(ids):
         if not toks:
@@ -274,6 +487,8 @@ def build_job(req: CompletionRequest, model_name: str, gen: Any, context: int | 
             g = None
             if req.seed is not None and not is_greedy(temp):
                 g = torch.Generator().manual_seed((req.seed + p * req.n + j) % 2**63)
-            row = Row(list(toks), max_tokens, temp, top_p, g)
-            choices.append(Choice(p * req.n + j, row, stop))
+            row = Row(list(toks), max_tokens, temp, top_p, g, logprobs=req.logprobs,
+                      echo=req.echo and req.logprobs is not None)
+            choices.append(Choice(p * req.n + j, row, stop, echo_text=prompts[p] if req.echo else "",
+                                  prompt_chars=len(prompts[p]), tok=tokenizer, eos=eos))
     return Job(model_name, sum(len(t) for t in ids), choices)

@@ -49,29 +49,58 @@ class AutoscalingSpec(Strict):
 
 
 class BatchingSpec(Strict):
-    """Dynamic batching of concurrent requests into one forward pass (`@serve.batch`)."""
+    """How a replica batches concurrent requests.
 
-    enabled: bool = Field(True, description="Batch concurrent requests (off = one request at a time).")
-    max_batch_size: int = Field(8, ge=1, le=1024, description="Most requests in one batch.")
-    batch_wait_timeout_s: float = Field(0.01, ge=0.0, le=10.0, description="Wait this long to fill a batch.")
+    `continuous` (default): iteration-level scheduling, as vLLM does: at every decode step finished
+    rows leave and waiting ones join, up to `max_num_seqs` rows, each with a preallocated KV slot.
+    `static`: Serve's `@serve.batch` gathers requests into a batch that runs until its longest row
+    ends (the old engine; kept as the benchmark baseline).
+    """
+
+    mode: Literal["continuous", "static"] = Field("continuous", description="continuous (iteration-level "
+                                                  "scheduling) or static (whole batches, @serve.batch).")
+    enabled: bool = Field(True, description="Batch concurrent requests (off = one row at a time).")
+    max_num_seqs: int = Field(8, ge=1, le=1024, description="Most rows (prompts x n) generated together; "
+                              "each holds one KV slot. Old name: max_batch_size (accepted).")
+    max_prefill_tokens: int = Field(512, ge=1, le=1_000_000, description="Prompt tokens prefilled per "
+                                    "engine step (continuous); longer prompts are chunked over steps.")
+    batch_wait_timeout_s: float = Field(0.01, ge=0.0, le=10.0, description="Wait this long to fill a batch "
+                                        "(static mode only).")
     max_ongoing_requests: int | None = Field(None, ge=1, le=100_000, description="Requests a replica holds at "
-                                             "once (default: 2 x max_batch_size); must be >= max_batch_size.")
+                                             "once (default: 2 x max_num_seqs); must be >= max_num_seqs.")
     max_queued_requests: int = Field(64, ge=-1, le=1_000_000, description="Requests waiting for a replica "
                                      "before new ones get 503 (-1 = unbounded).")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _alias(cls, data: object) -> object:
+        """`max_batch_size` (the old name) is `max_num_seqs`; both at once must agree."""
+        if isinstance(data, dict) and "max_batch_size" in data:
+            data = dict(data)
+            old = data.pop("max_batch_size")
+            if "max_num_seqs" in data and data["max_num_seqs"] != old:
+                raise ValueError("max_batch_size is the old name of max_num_seqs; give one of them")
+            data["max_num_seqs"] = old
+        return data
+
     @model_validator(mode="after")
     def _check(self) -> BatchingSpec:
-        # Serve silently caps a batch at max_ongoing_requests, so refuse the combination.
+        # Serve silently caps concurrency at max_ongoing_requests, so refuse the combination.
         if self.enabled and self.max_ongoing_requests is not None and \
-                self.max_ongoing_requests < self.max_batch_size:
+                self.max_ongoing_requests < self.max_num_seqs:
             raise at("max_ongoing_requests", f"max_ongoing_requests={self.max_ongoing_requests} is below "
-                     f"max_batch_size={self.max_batch_size}; Serve would silently cap batches at it")
+                     f"max_num_seqs={self.max_num_seqs}; Serve would silently cap batches at it")
         return self
 
     @property
+    def max_batch_size(self) -> int:
+        """The old name of `max_num_seqs`."""
+        return self.max_num_seqs
+
+    @property
     def batch_size(self) -> int:
-        """Requests per forward pass: max_batch_size, or 1 with batching off."""
-        return self.max_batch_size if self.enabled else 1
+        """Rows per step: max_num_seqs, or 1 with batching off."""
+        return self.max_num_seqs if self.enabled else 1
 
     @property
     def ongoing(self) -> int:
@@ -109,6 +138,9 @@ class ServeSpec(Strict):
                             "(any fsspec URI).")
     quantize: Literal["none", "int8"] = Field("none", description="int8 = dynamic int8 quantization of "
                                               "Linear layers (CPU serving).")
+    engine: Literal["raybig", "vllm"] = Field("raybig", description="raybig: raybig's continuous-batching "
+                                              "engine (CPU, or the replica's GPU in bf16/fp16). vllm: Ray Serve "
+                                              "LLM with vLLM for an HF export; needs vllm installed and a GPU.")
     resources: ReplicaResourcesSpec = Field(default_factory=ReplicaResourcesSpec)
     autoscaling: AutoscalingSpec = Field(default_factory=AutoscalingSpec)
     batching: BatchingSpec = Field(default_factory=BatchingSpec)
@@ -132,6 +164,15 @@ class ServeSpec(Strict):
         if v is not None and not ENV_NAME_RE.match(v):
             raise ValueError("must be the NAME of an environment variable (e.g. RAYBIG_API_KEY), "
                              "not the key itself")
+        return v
+
+    @field_validator("engine")
+    @classmethod
+    def _engine(cls, v: str) -> str:
+        import importlib.util
+
+        if v == "vllm" and importlib.util.find_spec("vllm") is None:
+            raise ValueError("vllm needs the vllm package and a GPU; vllm is not installed here")
         return v
 
     @field_validator("checkpoint")
