@@ -5,7 +5,10 @@ BIN := $(VENV)/bin
 # CPU machines get the pinned CPU wheel (an unpinned torch pulls GBs of CUDA wheels).
 # GPU machines: `make setup TORCH_SPEC=` keeps the torch you installed yourself.
 TORCH_SPEC ?= torch==2.13.0
+# CPU-only machines pin DeepSpeed to its CPU accelerator; on a GPU box it must not leak into GPU runs.
+ifeq ($(wildcard /dev/nvidiactl),)
 export DS_ACCELERATOR ?= cpu
+endif
 
 .PHONY: setup quickstart test test-fast lint bench clean
 

@@ -12,7 +12,8 @@ import pathlib
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-os.environ.setdefault("DS_ACCELERATOR", "cpu")
+if not os.path.exists("/dev/nvidiactl"):  # a GPU box: GPU tests need DeepSpeed's CUDA accelerator
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "60")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 # Train v2 polls its workers every 2 s (and for preemption every 5 s), so each of the suite's ~30
@@ -45,3 +46,18 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords and not torch.cuda.is_available():
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory):
+    """{"root": folder, "llama": root/tiny-llama, "gpt2": root/tiny-gpt2}: tiny random HF models with
+    their tokenizers, made offline by scripts/make_tiny_hf.py (the folders jobs/*.yaml name under
+    ${RAYBIG_MODELS})."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("make_tiny_hf", ROOT / "scripts" / "make_tiny_hf.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    root = tmp_path_factory.mktemp("models")
+    return {"root": str(root), "llama": mod.make_tiny(str(root / "tiny-llama"), "llama", seed=0),
+            "gpt2": mod.make_tiny(str(root / "tiny-gpt2"), "gpt2", seed=0)}

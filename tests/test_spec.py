@@ -111,7 +111,8 @@ def test_secrets_stay_out_of_frozen_spec():
 
 
 @pytest.mark.parametrize("path", sorted(str(p) for p in (ROOT / "jobs").glob("*.yaml")))
-def test_every_job_file_validates(path):
+def test_every_job_file_validates(path, tiny_models, monkeypatch):
+    monkeypatch.setenv("RAYBIG_MODELS", tiny_models["root"])  # jobs/hf_finetune.yaml, jobs/lora.yaml
     result = CliRunner().invoke(main, ["validate", path])
     assert result.exit_code == 0, result.output
 

@@ -35,7 +35,8 @@ JOBS = sorted(str(p) for p in (ROOT / "jobs").glob("*.yaml"))
 # --- JobSpec: one discriminated union --------------------------------------------------------------
 
 
-def test_every_job_file_loads_as_its_own_class():
+def test_every_job_file_loads_as_its_own_class(tiny_models, monkeypatch):
+    monkeypatch.setenv("RAYBIG_MODELS", tiny_models["root"])  # jobs/hf_finetune.yaml, jobs/lora.yaml
     want = {"train": TrainSpec, "sweep": SweepSpec, "serve": ServeSpec, "pipeline": PipelineSpec,
             "probe": ProbeSpec}
     seen = set()
@@ -215,7 +216,8 @@ def _override_for(path: str) -> str:
             "serve": "resources.memory=64GiB"}[kind]
 
 
-def test_validate_never_imports_torch():
+def test_validate_never_imports_torch(tiny_models, monkeypatch):
+    monkeypatch.setenv("RAYBIG_MODELS", tiny_models["root"])  # the HF jobs' folders (read without torch)
     cases = [[p] for p in JOBS] + [[p, "--set", _override_for(p)] for p in JOBS]
     script = """
 import json, sys

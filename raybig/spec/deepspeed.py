@@ -9,27 +9,37 @@ if TYPE_CHECKING:
     from raybig.spec.models import TrainSpec
 
 
-def resolve_precision(spec: TrainSpec, on_cuda: bool | None = None) -> str:
-    """The precision to train in: 'auto' is bf16 on CUDA and fp32 on CPU.
+def resolve_precision(spec: TrainSpec, on_cuda: bool | None = None,
+                      capability: tuple[int, int] | None = None) -> str:
+    """The precision to train in, resolving 'auto'.
+
+    'auto' is fp32 on CPU; on CUDA bf16 where the GPU computes it
+    natively (compute capability 8.0 or above: Ampere, Hopper, ...), else fp16 with loss scaling.
 
     Args:
         spec: the train spec.
         on_cuda: whether the worker runs on a CUDA device (the worker probes torch and passes it);
             None assumes CUDA exactly when the spec asks for GPUs.
+        capability: the GPU's (major, minor) compute capability; None (not known, e.g. at validate
+            time) assumes bf16.
     """
     if spec.deepspeed.precision != "auto":
         return spec.deepspeed.precision
     on_cuda = spec.resources.gpus_per_worker > 0 if on_cuda is None else on_cuda
-    return "bf16" if on_cuda else "fp32"
+    if not on_cuda:
+        return "fp32"
+    return "bf16" if capability is None or tuple(capability) >= (8, 0) else "fp16"
 
 
-def _generated(spec: TrainSpec, on_cuda: bool | None) -> dict[str, Any]:
+def _generated(spec: TrainSpec, on_cuda: bool | None, capability: tuple[int, int] | None = None) -> dict[str, Any]:
     t, ds = spec.train, spec.deepspeed
-    precision = resolve_precision(spec, on_cuda)
+    precision = resolve_precision(spec, on_cuda, capability)
+    gpu = bool(spec.resources.gpus_per_worker > 0 if on_cuda is None else on_cuda)
     offload_opt = ds.offload_optimizer != "none"
     zero: dict[str, Any] = {"stage": ds.zero_stage}
     if ds.zero_stage > 0:
-        zero.update(overlap_comm=False, contiguous_gradients=True, reduce_bucket_size=5e7)
+        # Overlapping gradient reduction with backward needs CUDA streams; on CPU it only costs memory.
+        zero.update(overlap_comm=gpu, contiguous_gradients=True, reduce_bucket_size=5e7)
     if offload_opt:
         zero["offload_optimizer"] = {"device": ds.offload_optimizer, "pin_memory": bool(on_cuda)}
     if ds.offload_param != "none":
@@ -41,6 +51,8 @@ def _generated(spec: TrainSpec, on_cuda: bool | None) -> dict[str, Any]:
                                   "weight_decay": t.weight_decay}
     if not offload_opt:
         opt_params["torch_adam"] = True  # no JIT-built fused_adam; offload needs cpu_adam instead
+        if gpu:
+            opt_params["fused"] = True  # torch's own fused CUDA AdamW (one kernel; nothing to compile)
     return {
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
         "gradient_accumulation_steps": t.grad_accum,
@@ -55,7 +67,9 @@ def _generated(spec: TrainSpec, on_cuda: bool | None) -> dict[str, Any]:
         }},
         "zero_optimization": zero,
         "bf16": {"enabled": precision == "bf16"},
-        "fp16": {"enabled": precision == "fp16"},
+        # loss_scale 0 = dynamic loss scaling, which fp16's narrow range needs.
+        "fp16": {"enabled": True, "loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000,
+                 "hysteresis": 2, "min_loss_scale": 1} if precision == "fp16" else {"enabled": False},
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
         "zero_allow_untested_optimizer": True,
@@ -118,6 +132,13 @@ def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def build_ds_config(spec: TrainSpec, on_cuda: bool | None = None) -> dict[str, Any]:
-    """The DeepSpeed config for this spec; `deepspeed.extra` merged on top."""
-    return deep_merge(_generated(spec, on_cuda), spec.deepspeed.extra)
+def build_ds_config(spec: TrainSpec, on_cuda: bool | None = None,
+                    capability: tuple[int, int] | None = None) -> dict[str, Any]:
+    """The DeepSpeed config for this spec; `deepspeed.extra` merged on top.
+
+    Args:
+        spec: the train spec.
+        on_cuda: whether the worker trains on a CUDA GPU (None: whether the spec asks for GPUs).
+        capability: the GPU's compute capability, for `precision: auto` (see `resolve_precision`).
+    """
+    return deep_merge(_generated(spec, on_cuda, capability), spec.deepspeed.extra)

@@ -458,3 +458,111 @@ def lora_trainable_params(shapes: Mapping[str, tuple[int, ...]], r: int,
         raise LoraTargetError(f"finetune.target_modules {target_modules!r} match no layer of the model; "
                               f"its 2-D layers are named: {', '.join(leaves)}")
     return sum(r * sum(shapes[m + ".weight"]) for m in mods)
+
+
+# --------------------------------------------------------------------------- validate-time checks
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}(/[\w.-]{1,96})?$")
+
+
+def looks_like_hub_id(source: str) -> bool:
+    """Whether `source` reads as a bare hub id (`org/name`) rather than a path or URI."""
+    return (not source.startswith((".", "/", "~")) and "://" not in source and "\\" not in source
+            and bool(_HUB_ID.match(source)))
+
+
+def find_hub_snapshot(repo_id: str) -> str | None:
+    """The local Hugging Face cache snapshot folder of `repo_id`, or None (nothing is downloaded)."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return None
+    hit = try_to_load_from_cache(repo_id, CONFIG)
+    return os.path.dirname(hit) if isinstance(hit, str) else None
+
+
+def locate_source(source: str) -> str:
+    """A `model.hf` value -> the folder to inspect.
+
+    A local path is made absolute, a URI kept as is, a hub id replaced by its cached snapshot.
+
+    Raises:
+        HubModelNotCachedError: a bare hub id that is not a folder and not in the local cache.
+    """
+    if source.startswith("file://"):
+        source = source[len("file://"):]
+    if "://" in source:
+        return source
+    local = os.path.abspath(os.path.expanduser(source))
+    if os.path.exists(local) or not looks_like_hub_id(source):
+        return local
+    found = find_hub_snapshot(source)
+    if found is None:
+        raise HubModelNotCachedError(f"{source!r} is not a folder and not in the local Hugging Face cache "
+                                     f"(raybig never downloads); {HOW_TO_PROVIDE}")
+    return found
+
+
+def config_of(hf_config: str | Mapping[str, Any], trust_remote_code: bool = False) -> dict[str, Any]:
+    """The config dict `model.hf_config` names (inline mapping, config.json file, or folder), checked.
+
+    Raises:
+        ModelFolderError: no such file/folder or no config.json. UnknownArchitectureError,
+        RemoteCodeRequiredError: see `check_architecture`.
+    """
+    if isinstance(hf_config, Mapping):
+        cfg = dict(hf_config)
+        check_architecture(cfg, trust_remote_code, "model.hf_config")
+        return cfg
+    fs, path = _fs(hf_config)
+    if fs.isdir(path):
+        return dict(inspect_folder(hf_config, trust_remote_code, require_weights=False).config)
+    if not fs.exists(path):
+        raise ModelFolderError(f"{hf_config}: no such config file or folder; {HOW_TO_PROVIDE}")
+    try:
+        cfg = read_json(hf_config)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ModelFolderError(f"{hf_config}: not valid JSON ({e})") from None
+    check_architecture(cfg, trust_remote_code, hf_config)
+    return cfg
+
+
+def embedding_rows(config: Mapping[str, Any]) -> int | None:
+    """The model's embedding rows (`vocab_size`, or `text_config.vocab_size`); None if unknown."""
+    v = config.get("vocab_size") or (config.get("text_config") or {}).get("vocab_size")
+    if v is None and config.get("model_type") in _DECODER_DEFAULTS:
+        v = _DECODER_DEFAULTS[str(config["model_type"])]["vocab_size"]
+    return int(v) if v else None
+
+
+def tokenizer_vocab_size(folder: str) -> int | None:
+    """Ids of the folder's tokenizer.json (max id + 1, added tokens included), without transformers.
+
+    None when the folder has no tokenizer.json (a sentencepiece-only tokenizer is checked at load).
+    """
+    fs, path = _fs(folder)
+    tj = _join(path, "tokenizer.json")
+    if not fs.exists(tj):
+        return None
+    with fs.open(tj, "rb") as f:
+        tok = json.loads(f.read().decode("utf-8"))
+    vocab = (tok.get("model") or {}).get("vocab")
+    ids: list[int] = [int(a["id"]) for a in tok.get("added_tokens") or [] if "id" in a]
+    if isinstance(vocab, dict):
+        ids += [int(i) for i in vocab.values()]
+    elif isinstance(vocab, list):  # Unigram: [[piece, score], ...], id = position
+        ids.append(len(vocab) - 1)
+    return max(ids) + 1 if ids else None
+
+
+def has_tokenizer(folder: str) -> bool:
+    """Whether `folder` holds tokenizer files `AutoTokenizer` can read."""
+    fs, path = _fs(folder)
+    return any(fs.exists(_join(path, f)) for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
+
+
+DEFAULT_LORA_TARGETS: dict[str, tuple[str, ...]] = {
+    "raybig": ("c_attn",), "gpt2": ("c_attn",), "llama": ("q_proj", "v_proj"),
+    "mistral": ("q_proj", "v_proj"), "qwen2": ("q_proj", "v_proj"), "qwen3": ("q_proj", "v_proj"),
+}
+"""LoRA `target_modules` when the spec names none (peft's own defaults for these families)."""

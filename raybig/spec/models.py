@@ -6,6 +6,8 @@ union of all of them, is in `raybig.spec.job`.
 
 from __future__ import annotations
 
+import functools
+import os
 import re
 from typing import Any, Literal
 
@@ -14,7 +16,7 @@ from pydantic import Field, field_validator, model_validator
 from raybig.spec.base import MAX_BYTES, NAME_RE, Bytes, Name, QueuedSpec, Strict, at
 
 __all__ = ["MAX_BYTES", "NAME_RE", "PRESETS", "Bytes", "CheckpointSpec", "DataSpec", "DeepSpeedSpec",
-           "ModelSpec", "Name", "QueuedSpec", "ResourcesSpec", "SampleSpec", "StorageSpec", "Strict",
+           "FinetuneSpec", "ModelSpec", "Name", "QueuedSpec", "ResourcesSpec", "SampleSpec", "StorageSpec", "Strict",
            "TrainLoopSpec", "TrainSpec", "at"]
 
 
@@ -46,6 +48,37 @@ class ModelSpec(Strict):
     bias: bool = Field(False, description="Bias terms in Linear and LayerNorm layers.")
     target: str | None = Field(None, description="Plug-in 'package.module:factory' returning an nn.Module.")
     kwargs: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments for `target`.")
+    hf: str | None = Field(None, min_length=1, description="A Hugging Face causal LM to fine-tune: a local "
+                           "`save_pretrained` folder, an fsspec URI of one (fetched once per node), or a hub id "
+                           "already in the local Hugging Face cache (never downloaded). Safetensors only.")
+    hf_config: str | dict[str, Any] | None = Field(
+        None, description="Build a Hugging Face architecture from its config alone (random init): a "
+        "config.json, a folder holding one, or an inline mapping with `model_type`.")
+    trust_remote_code: bool = Field(False, description="Allow the model folder's own Python code "
+                                    "(`auto_map`); only for folders you trust.")
+
+    @field_validator("hf")
+    @classmethod
+    def _hf_path(cls, v: str | None) -> str | None:
+        # A relative folder is made absolute here: Ray workers do not share the driver's cwd.
+        if v is None or "://" in v and not v.startswith("file://"):
+            return v
+        from raybig.spec.hf_params import looks_like_hub_id
+
+        local = os.path.abspath(os.path.expanduser(v.removeprefix("file://")))
+        return local if os.path.exists(local) or not looks_like_hub_id(v) else v
+
+    @field_validator("hf_config")
+    @classmethod
+    def _hf_config_path(cls, v: str | dict[str, Any] | None) -> str | dict[str, Any] | None:
+        if isinstance(v, str) and "://" not in v:
+            return os.path.abspath(os.path.expanduser(v))
+        return v
+
+    @property
+    def is_hf(self) -> bool:
+        """Whether the model is a Hugging Face one (`hf` or `hf_config`) rather than raybig's GPT."""
+        return self.hf is not None or self.hf_config is not None
 
     @field_validator("target")
     @classmethod
@@ -56,6 +89,17 @@ class ModelSpec(Strict):
 
     @model_validator(mode="after")
     def _check(self) -> ModelSpec:
+        if self.is_hf:
+            if self.hf is not None and self.hf_config is not None:
+                raise at("hf_config", "give either hf (weights) or hf_config (random init), not both")
+            for k in ("preset", "n_layer", "n_head", "n_embd", "block_size", "vocab_size", "target"):
+                if getattr(self, k) is not None:
+                    src = "hf" if self.hf is not None else "hf_config"
+                    raise at(k, f"{k} does not apply to a Hugging Face model (its config.json sets the "
+                             f"shape); drop it or drop model.{src}")
+            if self.bias:
+                raise at("bias", "bias does not apply to a Hugging Face model (its config sets it)")
+            return self
         if self.target is None:
             if self.preset is None and None in (self.n_layer, self.n_head, self.n_embd):
                 raise at("preset", "give a preset, or all of n_layer, n_head and n_embd, or a target")
@@ -77,6 +121,10 @@ class ModelSpec(Strict):
         return shape
 
 
+DEFAULT_BPE_VOCAB = 4096
+"""`data.vocab_size` when `data.tokenizer: bpe` gives none."""
+
+
 # --- data --------------------------------------------------------------------------------------
 
 
@@ -85,9 +133,25 @@ class DataSpec(Strict):
 
     path: str = Field("stdlib://", min_length=1, description="fsspec URI/glob of text files, or stdlib://.")
     seq_len: int = Field(128, ge=8, le=131072, description="Tokens per training sequence.")
-    tokenizer: Literal["bytes"] = Field("bytes", description="Byte-level tokenizer (vocab 256).")
+    tokenizer: Literal["bytes", "bpe", "model"] | None = Field(
+        None, description="bytes (UTF-8 bytes, vocab 256), bpe (a byte-level BPE trained on the training "
+        "split at the start of the run and saved as <run>/tokenizer.json), or model (the Hugging Face "
+        "model folder's own tokenizer). Default: model for `model.hf`, bytes otherwise.")
+    vocab_size: int | None = Field(None, ge=257, le=1_000_000, description="BPE vocabulary size "
+                                   "(tokenizer: bpe only; default 4096); the model's vocabulary follows it.")
     val_fraction: float = Field(0.05, gt=0.0, lt=0.5, description="Share of the corpus held out.")
     max_bytes: int = Field(16_000_000, ge=10_000, description="Read at most this many bytes of text.")
+
+    @model_validator(mode="after")
+    def _check(self) -> DataSpec:
+        if self.vocab_size is not None and self.tokenizer != "bpe":
+            raise at("vocab_size", f"vocab_size sets the size of a trained BPE; it needs tokenizer: bpe "
+                     f"(got tokenizer: {self.tokenizer or 'default'})")
+        return self
+
+    def bpe_vocab(self) -> int:
+        """The BPE vocabulary size to train: vocab_size, or 4096 when unset."""
+        return self.vocab_size or DEFAULT_BPE_VOCAB
 
 
 # --- train loop --------------------------------------------------------------------------------
@@ -140,7 +204,8 @@ class DeepSpeedSpec(Strict):
     offload_optimizer: Literal["none", "cpu"] = Field("none", description="Optimizer state to CPU.")
     offload_param: Literal["none", "cpu"] = Field("none", description="Parameters to CPU (ZeRO-3 only).")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
-        "auto", description="auto = bf16 on CUDA, fp32 on CPU.")
+        "auto", description="auto = fp32 on CPU; on GPU bf16 where supported natively (compute capability "
+        ">= 8.0), else fp16 with dynamic loss scaling.")
     extra: dict[str, Any] = Field(default_factory=dict,
                                   description="Merged over the generated DeepSpeed config (expert use).")
 
@@ -166,6 +231,16 @@ class ResourcesSpec(Strict):
     memory_per_worker: Bytes | None = Field(None, description="RAM per worker in bytes, e.g. '8GiB'; "
                                             "checked against the ZeRO memory estimate and reserved in Ray.")
     custom: dict[str, float] = Field(default_factory=dict, description="Custom Ray resources per worker.")
+
+    @field_validator("gpus_per_worker")
+    @classmethod
+    def _gpus(cls, v: float) -> float:
+        # Each rank drives exactly one device (DeepSpeed's engine, NCCL): a fraction would share a GPU
+        # between ranks and a second GPU would sit idle, so neither is accepted.
+        if v not in (0, 1):
+            raise ValueError(f"must be 0 (CPU) or 1: each worker trains on one GPU (got {v}); for more "
+                             "GPUs raise resources.workers")
+        return v
 
     @field_validator("custom")
     @classmethod
@@ -221,6 +296,31 @@ class SampleSpec(Strict):
     temperature: float = Field(0.8, ge=0.0, le=5.0, description="Sampling temperature.")
 
 
+class FinetuneSpec(Strict):
+    """What training updates: every weight (full), or a LoRA adapter (Hu et al. 2021) through peft."""
+
+    method: Literal["full", "lora"] = Field("full", description="full: train every weight; lora: train "
+                                            "only low-rank adapters on `target_modules` (the rest frozen).")
+    r: int = Field(8, ge=1, le=4096, description="LoRA rank.")
+    alpha: float = Field(16.0, gt=0.0, le=1e6, description="LoRA alpha; the update is scaled by alpha / r.")
+    dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
+    target_modules: list[str] | str | None = Field(
+        None, description="Layers to adapt: names (a layer matches if its name ends with one), a regex "
+        "matching whole names, or 'all-linear'. Default: c_attn (raybig's GPT, GPT-2), q_proj and "
+        "v_proj (Llama family).")
+    merge: bool = Field(True, description="Export the adapter merged into the weights; false writes the "
+                        "adapter alone in peft's format (Hugging Face models only).")
+
+    @model_validator(mode="after")
+    def _check(self) -> FinetuneSpec:
+        # `is not None`, not "was given": a dumped spec re-validated (spec.yaml, sweep trials) lists it as null.
+        if self.method == "full" and self.target_modules is not None:
+            raise at("target_modules", "target_modules applies to method: lora only")
+        if isinstance(self.target_modules, list) and not self.target_modules:
+            raise at("target_modules", "give at least one layer name (or 'all-linear')")
+        return self
+
+
 class TrainSpec(QueuedSpec):
     """A training job: one GPT (or plug-in) model trained with DeepSpeed ZeRO on Ray Train."""
 
@@ -237,6 +337,7 @@ class TrainSpec(QueuedSpec):
     init_from: str | None = Field(None, description="Fine-tune: load weights (only) from this export or "
                                   "checkpoint URI.")
     sample: SampleSpec = Field(default_factory=SampleSpec)
+    finetune: FinetuneSpec = Field(default_factory=FinetuneSpec)
 
     @model_validator(mode="after")
     def _check(self) -> TrainSpec:
@@ -246,7 +347,10 @@ class TrainSpec(QueuedSpec):
         if self.deepspeed.precision == "fp16" and self.resources.gpus_per_worker == 0:
             raise at("deepspeed.precision", "fp16 is not supported by DeepSpeed's CPU accelerator; "
                      "use fp32 or bf16 (or gpus_per_worker > 0)")
-        if self.model.target is None:
+        self._check_tokenizer_and_finetune()
+        if self.model.is_hf:
+            self._check_hf()
+        elif self.model.target is None:
             bs = self.model.gpt_shape()["block_size"]
             if self.data.seq_len > bs:
                 raise at("data.seq_len", f"seq_len={self.data.seq_len} exceeds the model's block_size={bs}")
@@ -258,7 +362,86 @@ class TrainSpec(QueuedSpec):
         return self
 
 
+    def _check_tokenizer_and_finetune(self) -> None:
+        m, d, f = self.model, self.data, self.finetune
+        if d.tokenizer == "model" and not m.is_hf:
+            raise at("data.tokenizer", "tokenizer: model means the Hugging Face folder's own tokenizer; "
+                     "it needs model.hf (raybig's GPT uses bytes or bpe)")
+        if d.tokenizer == "model" and isinstance(m.hf_config, dict):
+            raise at("data.tokenizer", "an inline model.hf_config has no tokenizer; use tokenizer: bpe "
+                     "(or bytes), or point hf_config at a folder with tokenizer files")
+        if d.tokenizer == "bpe" and m.vocab_size is not None and m.vocab_size < d.bpe_vocab():
+            raise at("model.vocab_size", f"vocab_size={m.vocab_size} is below the BPE's "
+                     f"data.vocab_size={d.bpe_vocab()}; drop model.vocab_size (it follows the tokenizer)")
+        if f.method == "lora" and not f.merge and not m.is_hf:
+            raise at("finetune.merge", "merge: false writes a peft adapter for a Hugging Face base model; "
+                     "raybig's GPT always exports merged weights")
+
+    def _check_hf(self) -> None:
+        from raybig.spec import hf_params as hp
+
+        m = self.model
+        where = "model.hf" if m.hf is not None else "model.hf_config"
+        try:
+            info = hf_model_info(m.hf, m.hf_config, m.trust_remote_code)
+        except hp.ModelSourceError as e:
+            raise at(where, str(e)) from None
+        cfg = info["config"]
+        n_pos = cfg.get("max_position_embeddings") or cfg.get("n_positions")
+        if n_pos and self.data.seq_len > int(n_pos):
+            raise at("data.seq_len", f"seq_len={self.data.seq_len} exceeds the model's context "
+                     f"({n_pos} positions in its config.json)")
+        rows = hp.embedding_rows(cfg)
+        kind = self.tokenizer_kind()
+        if kind == "model":
+            folder = info["folder"]
+            if folder is None or not hp.has_tokenizer(folder):
+                raise at("data.tokenizer", f"{m.hf or m.hf_config} has no tokenizer files (tokenizer.json); "
+                         "save one there with `tokenizer.save_pretrained(DIR)`, or use tokenizer: bpe")
+            n_tok = hp.tokenizer_vocab_size(folder)
+        else:
+            n_tok = self.data.bpe_vocab() if kind == "bpe" else 256
+        if n_tok is not None and rows is not None and n_tok > rows:
+            raise at(where if kind == "model" else "data.tokenizer",
+                     f"the tokenizer has {n_tok} tokens but the model only {rows} embedding rows; use "
+                     "the tokenizer saved with this model (or a smaller data.vocab_size)")
+        if self.finetune.method == "lora":
+            try:
+                hp.lora_trainable_params(info["shapes"], self.finetune.r, self.lora_targets())
+            except hp.ModelSourceError as e:
+                raise at("finetune.target_modules", str(e)) from None
+
     # --- derived quantities (written once; every layer asks the spec) ---------------------------
+
+    def tokenizer_kind(self) -> str:
+        """The tokenizer kind: bytes, bpe or model.
+
+        `data.tokenizer`, defaulting to model for `model.hf` (and an
+        `hf_config` folder), bytes otherwise.
+        """
+        if self.data.tokenizer is not None:
+            return self.data.tokenizer
+        m = self.model
+        return "model" if m.hf is not None or isinstance(m.hf_config, str) else "bytes"
+
+    def lora_targets(self) -> list[str] | str:
+        """LoRA `target_modules`: the spec's, else the model family's default (see hf_params)."""
+        from raybig.spec.hf_params import DEFAULT_LORA_TARGETS
+
+        if self.finetune.target_modules is not None:
+            return self.finetune.target_modules
+        family = "raybig"
+        if self.model.is_hf:
+            family = str(hf_model_info(self.model.hf, self.model.hf_config,
+                                       self.model.trust_remote_code)["config"].get("model_type"))
+        return list(DEFAULT_LORA_TARGETS.get(family, ("q_proj", "v_proj")))
+
+    def model_vocab(self) -> int:
+        """Vocabulary rows of raybig's GPT: model.vocab_size, else the tokenizer's (BPE: its target size)."""
+        if self.model.vocab_size:
+            return self.model.vocab_size
+        return self.data.bpe_vocab() if self.tokenizer_kind() == "bpe" else 256
+
 
     def global_batch(self) -> int:
         """Sequences per optimizer step over all workers: micro_batch_size x grad_accum x workers."""
@@ -271,3 +454,48 @@ class TrainSpec(QueuedSpec):
     def worker_bundle(self) -> dict[str, float]:
         """One worker's Ray resource request (CPU, GPU, memory in bytes, custom resources)."""
         return self.resources.bundle()
+
+
+def hf_model_info(hf: str | None, hf_config: str | dict[str, Any] | None,
+                  trust_remote_code: bool) -> dict[str, Any]:
+    """What validation needs of a Hugging Face source, read without torch and cached per process.
+
+    Returns:
+        {"folder": local folder or URI (None for an inline config), "config": config dict,
+         "shapes": {parameter name: shape} from safetensors headers (or the config for hf_config)}.
+
+    Raises:
+        raybig.spec.hf_params.ModelSourceError subclasses (one line each).
+    """
+    import json
+
+    key = json.dumps(hf_config, sort_keys=True) if isinstance(hf_config, dict) else hf_config
+    return dict(_hf_info(hf, key, trust_remote_code, _stamp(hf or (hf_config if isinstance(hf_config, str)
+                                                                    else None))))
+
+
+def _stamp(path: str | None) -> float:
+    # config.json's mtime: a folder rewritten in place (tests, make_tiny_hf) is read afresh.
+    if path is None or "://" in path:
+        return 0.0
+    for p in (os.path.join(path, "config.json"), path):
+        if os.path.exists(p):
+            return os.path.getmtime(p)
+    return 0.0
+
+
+@functools.lru_cache(maxsize=32)
+def _hf_info(hf: str | None, hf_config: str | None, trust_remote_code: bool, stamp: float) -> dict[str, Any]:
+    import json
+
+    from raybig.spec import hf_params as hp
+
+    if hf is not None:
+        folder = hp.locate_source(hf)
+        info = hp.inspect_folder(folder, trust_remote_code)
+        return {"folder": folder, "config": info.config, "shapes": hp.weight_shapes(info)}
+    assert hf_config is not None
+    inline = hf_config.startswith("{")
+    cfg = hp.config_of(json.loads(hf_config) if inline else hf_config, trust_remote_code)
+    where = None if inline else (hf_config if os.path.isdir(hf_config) else os.path.dirname(hf_config))
+    return {"folder": where, "config": cfg, "shapes": hp.config_shapes(cfg)}

@@ -1,23 +1,39 @@
-"""Build the network a spec names: the GPT, or a user's plug-in factory."""
+"""Build the network a spec names: the GPT, a Hugging Face model, or a user's plug-in factory.
+
+Also the run's tokenizer (`run_tokenizer`) and the LoRA wrapping (`apply_lora`), so that the loop
+only sees `Built`: a module for DeepSpeed plus how to get its loss.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import inspect
-from typing import TYPE_CHECKING
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
+import torch
 import torch.nn as nn
 
-from raybig.data.text import VOCAB_SIZE
 from raybig.model import GPT, GPTConfig
+from raybig.tokenizer import BYTE_VOCAB
 
 if TYPE_CHECKING:
     from raybig.spec.models import TrainSpec
 
 
-def gpt_config(spec: TrainSpec) -> GPTConfig:
+def gpt_config(spec: TrainSpec, vocab_size: int | None = None) -> GPTConfig:
+    """The `GPTConfig` of the built-in GPT that `spec.model` describes.
+
+    Args:
+        spec: the train spec.
+        vocab_size: the run's tokenizer's vocabulary (a trained BPE may come out smaller than
+            `data.vocab_size`); `model.vocab_size` wins when set. Default: `spec.model_vocab()`.
+    """
     m = spec.model
-    return GPTConfig(**m.gpt_shape(), vocab_size=m.vocab_size or VOCAB_SIZE, dropout=m.dropout,
+    vocab = m.vocab_size or vocab_size or spec.model_vocab() or BYTE_VOCAB
+    return GPTConfig(**m.gpt_shape(), vocab_size=vocab, dropout=m.dropout,
                      bias=m.bias, activation_checkpointing=spec.train.activation_checkpointing)
 
 
@@ -44,7 +60,7 @@ def build_model(spec: TrainSpec) -> nn.Module:
     fn = load_target(spec.model.target)
     kwargs = dict(spec.model.kwargs)
     params = inspect.signature(fn).parameters
-    for k, v in (("vocab_size", spec.model.vocab_size or VOCAB_SIZE), ("seq_len", spec.data.seq_len)):
+    for k, v in (("vocab_size", spec.model.vocab_size or BYTE_VOCAB), ("seq_len", spec.data.seq_len)):
         if k in params and k not in kwargs:
             kwargs[k] = v
     model = fn(**kwargs)
@@ -52,3 +68,173 @@ def build_model(spec: TrainSpec) -> nn.Module:
         raise TypeError(f"model.target {spec.model.target!r} returned {type(model).__name__}, "
                         "not a torch.nn.Module")
     return model
+
+
+# --------------------------------------------------------------------------- any model, LoRA, loss
+
+
+@dataclass
+class Built:
+    """What the loop trains.
+
+    Attributes:
+        model: the module DeepSpeed wraps (a peft model for LoRA).
+        kind: "gpt" (raybig's), "hf" (transformers) or "plugin".
+        lora: whether only a LoRA adapter is trainable.
+        keep: objects that must live as long as the model (transformers' ZeRO-3 config registration).
+    """
+
+    model: nn.Module
+    kind: str
+    lora: bool = False
+    keep: Any = None
+
+    def loss(self, engine: Any, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Mean next-token cross-entropy, a float32 scalar on the device.
+
+        `x` (B, T) int64 token ids, `y` (B, T) int64 targets, `y[:, t]` the token after `x[:, t]`.
+
+        transformers shifts `labels` by one itself; `shift_labels=y` hands it the already shifted
+        targets, so every one of the T positions is scored, exactly as raybig's GPT does.
+        """
+        if self.kind == "hf":
+            return engine(input_ids=x, labels=y, shift_labels=y).loss
+        if self.kind == "plugin":  # the loss, (logits, loss) as nanoGPT, or .loss as Hugging Face
+            from raybig.plugins import loss_of
+
+            return loss_of(engine(x, y))
+        return engine(x, y)
+
+
+def hf_source(spec: TrainSpec) -> str | Mapping[str, Any]:
+    """`model.hf`, or `model.hf_config` (a path or an inline mapping)."""
+    m = spec.model
+    src = m.hf if m.hf is not None else m.hf_config
+    assert src is not None
+    return src
+
+
+def build(spec: TrainSpec, ds_config: Mapping[str, Any] | None = None, vocab_size: int | None = None) -> Built:
+    """The model for `spec`, built the way its ZeRO stage needs, LoRA applied when asked.
+
+    At ZeRO stage 3 every parameter is created already partitioned (`deepspeed.zero.Init`; for
+    Hugging Face models the DeepSpeed config is registered with transformers before
+    `from_pretrained`), so no rank ever holds the whole model; torch.distributed must be up.
+
+    Args:
+        spec: the train spec.
+        ds_config: the DeepSpeed config the engine will get (its stage and dtype drive zero.Init).
+        vocab_size: raybig's GPT's vocabulary (the run's tokenizer's).
+
+    Raises:
+        raybig.spec.hf_params.ModelSourceError: a bad model folder; LoraTargetError: LoRA targets
+            matching nothing.
+    """
+    stage3 = bool(ds_config) and int((ds_config or {}).get("zero_optimization", {}).get("stage", 0)) == 3
+    keep = None
+    if spec.model.is_hf:
+        from raybig.train import hf
+
+        zcfg = ds_config if stage3 else None
+        if spec.model.hf is not None:
+            model = hf.load_causal_lm(spec.model.hf, dtype="fp32", trust_remote_code=spec.model.trust_remote_code,
+                                      zero3_config=zcfg)
+        else:
+            model = hf.build_from_config(hf_source(spec), trust_remote_code=spec.model.trust_remote_code,
+                                         zero3_config=zcfg, seed=spec.seed)
+        keep = getattr(model, "_raybig_ds_config", None)
+        model.config.use_cache = False  # training: no KV cache (and activation checkpointing needs it off)
+        if spec.train.activation_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+        kind = "hf"
+    elif spec.model.target is None:
+        ctx: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
+        if stage3:
+            import deepspeed
+
+            ctx = deepspeed.zero.Init(config_dict_or_path=dict(ds_config or {}))
+        with ctx:
+            model = GPT(gpt_config(spec, vocab_size))
+        kind = "gpt"
+    else:
+        model = build_model(spec)
+        kind = "plugin"
+    lora = spec.finetune.method == "lora"
+    if lora:
+        model = apply_lora(model, spec, kind)
+    return Built(model, kind, lora, keep)
+
+
+def lora_config(spec: TrainSpec, kind: str) -> Any:
+    """Peft's `LoraConfig` for `spec.finetune` (biases frozen, as the validate-time count assumes)."""
+    from peft import LoraConfig
+
+    f = spec.finetune
+    targets = spec.lora_targets()
+    return LoraConfig(r=f.r, lora_alpha=f.alpha,  # type: ignore[arg-type]  # peft's hint says int; floats work lora_dropout=f.dropout,
+                      target_modules=targets if isinstance(targets, str) else list(targets), bias="none",
+                      task_type="CAUSAL_LM" if kind == "hf" else None)
+
+
+def apply_lora(model: nn.Module, spec: TrainSpec, kind: str) -> nn.Module:
+    """`model` wrapped by peft with LoRA adapters; only the adapters' parameters require grad.
+
+    Raises:
+        raybig.spec.hf_params.LoraTargetError: the targets match no layer.
+    """
+    from peft import get_peft_model
+
+    from raybig.spec.hf_params import LoraTargetError
+
+    try:
+        return get_peft_model(model, lora_config(spec, kind))
+    except ValueError as e:
+        if "not found in the base model" in str(e) or "Target modules" in str(e):
+            raise LoraTargetError(f"finetune.target_modules {spec.lora_targets()!r}: {e}") from None
+        raise
+
+
+# --------------------------------------------------------------------------- the run's tokenizer
+
+TOKENIZER_FILE = "tokenizer.json"
+"""A trained BPE's file in the run directory (every rank, every resume and the export read it)."""
+
+
+def run_tokenizer(spec: TrainSpec, run_dir: str | None, rank: int = 0, barrier: Any = None) -> Any:
+    """The tokenizer this run trains with: bytes, the HF folder's own, or the run's BPE.
+
+    For `data.tokenizer: bpe` rank 0 trains a byte-level BPE on the training split (`data.vocab_size`)
+    unless `<run_dir>/tokenizer.json` exists (a resumed run reuses it), writes it there, and every
+    rank loads that one file after `barrier()`; without a run dir each rank trains the same one.
+
+    Returns:
+        An object with `name`, `vocab_size`, `encode(str) -> list[int]`, `decode(ids) -> str`.
+    """
+    from raybig.tokenizer import BYTES, BpeTokenizer, train_bpe
+
+    kind = spec.tokenizer_kind()
+    if kind == "bytes":
+        return BYTES
+    if kind == "model":
+        from raybig.train.hf import load_tokenizer
+
+        m = spec.model
+        src = m.hf if m.hf is not None else m.hf_config
+        assert isinstance(src, str)
+        if m.hf is None and src.endswith(".json"):  # hf_config names a config.json: its folder's tokenizer
+            src = src.rsplit("/", 1)[0]
+        return load_tokenizer(src, trust_remote_code=m.trust_remote_code)
+    from raybig import storage
+    from raybig.data.text import split_texts
+
+    if run_dir is None:
+        train, _ = split_texts(spec.data)
+        return train_bpe(train, spec.data.bpe_vocab())
+    uri = storage.join(run_dir, TOKENIZER_FILE)
+    if rank == 0 and not storage.exists(uri):
+        train, _ = split_texts(spec.data)
+        storage.write_text(uri, train_bpe(train, spec.data.bpe_vocab()).to_json())
+    if barrier is not None:
+        barrier()
+    return BpeTokenizer.from_json(storage.read_text(uri))

@@ -7,7 +7,7 @@ benchmark) supplies rank, the checkpoint to resume from, and where reports go.
 from __future__ import annotations
 
 import contextlib
-import math
+import inspect
 import resource
 import sys
 import tempfile
@@ -18,19 +18,27 @@ from typing import Any, Protocol
 import torch
 import torch.distributed as dist
 
-from raybig.data.text import VOCAB_SIZE, Batches
+from raybig.data.text import Batches
 from raybig.spec.models import TrainSpec
-from raybig.train.build import build_model, gpt_config
+from raybig.tokenizer import BYTE_VOCAB
+from raybig.train.build import Built, build, gpt_config, run_tokenizer
 from raybig.train.checkpoints import write_manifest
 from raybig.train.ds_config import build_ds_config, resolve_precision
 
 
 class Reporter(Protocol):
+    """What the loop needs of its launcher: rank, world size, the checkpoint to resume, reporting."""
+
     rank: int
     world_size: int
 
-    def resume_dir(self) -> contextlib.AbstractContextManager[str | None]: ...
-    def report(self, metrics: dict[str, Any], checkpoint_dir: str | None = None) -> None: ...
+    def resume_dir(self) -> contextlib.AbstractContextManager[str | None]:
+        """A local folder holding the checkpoint to resume from (None: start fresh)."""
+        ...
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: str | None = None) -> None:
+        """Send `metrics` (and a checkpoint folder every rank wrote) to the launcher."""
+        ...
 
 
 def disable_shm_comm_build() -> None:
@@ -44,6 +52,7 @@ def disable_shm_comm_build() -> None:
 
 
 def peak_memory_bytes(device: torch.device) -> int:
+    """Peak bytes this rank used: CUDA allocations on a GPU, the process's max RSS on CPU."""
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux: KiB
@@ -51,7 +60,8 @@ def peak_memory_bytes(device: torch.device) -> int:
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """Decay matrices only; biases, norms and embeddings' 1-D params are not decayed."""
-    decay, no_decay = [], []
+    decay: list[torch.nn.Parameter] = []
+    no_decay: list[torch.nn.Parameter] = []
     for p in model.parameters():
         if p.requires_grad:
             (decay if p.dim() >= 2 else no_decay).append(p)
@@ -62,6 +72,7 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
 
 
 def all_reduce(values: list[float], device: torch.device, op: str = "mean") -> list[float]:
+    """`values` reduced over ranks ("mean", "sum" or "max"); one host sync for the whole list."""
     t = torch.tensor(values, dtype=torch.float64 if device.type == "cpu" else torch.float32, device=device)
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
@@ -83,6 +94,11 @@ def load_init_weights(model: torch.nn.Module, uri: str) -> None:
                          f"unexpected {unexpected[:5]}")
 
 
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
 def train_worker(spec: TrainSpec, rep: Reporter, run_dir: str | None,
                  resume_from: str | None = None) -> dict[str, Any]:
     """Run the whole job on this rank. Returns rank-local final metrics."""
@@ -90,17 +106,25 @@ def train_worker(spec: TrainSpec, rep: Reporter, run_dir: str | None,
 
     disable_shm_comm_build()
     on_cuda = torch.cuda.is_available() and spec.resources.gpus_per_worker > 0
-    torch.manual_seed(spec.seed)  # same init on every rank
-    model = build_model(spec)
-    ds_cfg = build_ds_config(spec, on_cuda=on_cuda)
+    capability = torch.cuda.get_device_capability() if on_cuda else None
+    ds_cfg = build_ds_config(spec, on_cuda=on_cuda, capability=capability)
+    tokenizer = run_tokenizer(spec, run_dir, rep.rank, _barrier)
     t = spec.train
+    lora = spec.finetune.method == "lora"
 
     with contextlib.ExitStack() as stack:
         resume = stack.enter_context(rep.resume_dir())
         if resume is None and resume_from:
             resume = stack.enter_context(_local_copy(resume_from))
-        if resume is None and spec.init_from:
-            load_init_weights(model, spec.init_from)
+        # LoRA checkpoints hold only the adapter: the frozen weights come from init_from every time.
+        init = spec.init_from if (resume is None or lora) and not spec.model.is_hf else None
+        torch.manual_seed(spec.seed)  # same init on every rank
+        # zero.Init cannot take init_from's whole state dict: build whole, DeepSpeed partitions it.
+        built = build(spec, None if init else ds_cfg, vocab_size=tokenizer.vocab_size)
+        if init:
+            base = getattr(built.model, "get_base_model", None)
+            load_init_weights(base() if built.lora and base is not None else built.model, init)
+        model = built.model
         engine, _, _, _ = deepspeed.initialize(
             model=model, model_parameters=param_groups(model, t.weight_decay), config=ds_cfg)
         step = 0
@@ -112,42 +136,47 @@ def train_worker(spec: TrainSpec, rep: Reporter, run_dir: str | None,
 
             with weights_only_loads():  # --resume-from may name anyone's checkpoint: no pickled code
                 _, client = engine.load_checkpoint(resume, load_optimizer_states=True,
-                                                   load_lr_scheduler_states=True)
+                                                   load_lr_scheduler_states=True,
+                                                   load_module_strict=not lora)
             if client is None:
                 raise RuntimeError(f"no DeepSpeed checkpoint found in {resume}")
             step = int(client["step"])
 
     device = engine.device
-    batches = Batches.build(spec.data, t.micro_batch_size, spec.seed, rep.rank, rep.world_size)
-    tokens_per_step = t.micro_batch_size * t.grad_accum * spec.data.seq_len * rep.world_size
+    batches = Batches.build(spec.data, t.micro_batch_size, spec.seed, rep.rank, rep.world_size,
+                            tokenizer=tokenizer)
+    tokens_per_step = spec.tokens_per_step()  # Ray Train starts exactly resources.workers ranks
     last: dict[str, Any] = {"step": step}
     # Tell the first report after a restore where training picked up (tests and `status` read it).
     pending: dict[str, Any] = {"restored_step": step} if resume is not None else {}
     if step == 0:
-        last = {"step": 0, "val_loss": evaluate(engine, batches, t.eval_batches, device)}
+        last = {"step": 0, "val_loss": evaluate(engine, batches, t.eval_batches, device, built)}
         rep.report(last)
 
-    window_loss = torch.zeros((), dtype=torch.float64)
-    window_steps, window_time = 0, 0.0
+    # The loss stays on the device: reading it (.item()) every micro step would make the host wait
+    # for the GPU each time; it is read once per log window, where the window's time is taken too.
+    window_loss = torch.zeros((), dtype=torch.float32 if on_cuda else torch.float64, device=device)
+    window_steps = 0
+    t0 = time.perf_counter()
+    dropout = spec.model.dropout > 0 or (lora and spec.finetune.dropout > 0)
     while step < t.steps:
-        t0 = time.perf_counter()
-        if spec.model.dropout > 0:
+        if dropout:
             torch.manual_seed(hash((spec.seed, rep.rank, step)) & 0x7FFFFFFF)
         for micro in range(t.grad_accum):
             x, y = batches.train_batch(step, micro)
-            loss = engine(x.to(device, non_blocking=True), y.to(device, non_blocking=True))
+            loss = built.loss(engine, x.to(device, non_blocking=True), y.to(device, non_blocking=True))
             engine.backward(loss)
             engine.step()
-            window_loss += loss.detach().to("cpu", torch.float64) / t.grad_accum
-        if on_cuda:
-            torch.cuda.synchronize()
-        window_time += time.perf_counter() - t0
+            window_loss += loss.detach().to(window_loss.dtype) / t.grad_accum
         window_steps += 1
         step += 1
 
         done = step == t.steps
         metrics: dict[str, Any] = {}
         if step % t.log_every == 0 or done:
+            if on_cuda:
+                torch.cuda.synchronize()
+            window_time = time.perf_counter() - t0
             loss_avg, step_time = all_reduce([window_loss.item() / window_steps, window_time / window_steps],
                                              device)
             (peak,) = all_reduce([peak_memory_bytes(device)], device, op="max")
@@ -157,18 +186,20 @@ def train_worker(spec: TrainSpec, rep: Reporter, run_dir: str | None,
                        "samples": step * tokens_per_step // spec.data.seq_len,
                        "peak_mem_bytes": int(peak)}
             window_loss.zero_()
-            window_steps, window_time = 0, 0.0
+            window_steps = 0
         if pending and metrics:
             metrics.update(pending)
             pending = {}
         if step % t.eval_every == 0 or done:
             metrics.setdefault("step", step)
-            metrics["val_loss"] = evaluate(engine, batches, t.eval_batches, device)
+            metrics["val_loss"] = evaluate(engine, batches, t.eval_batches, device, built)
         if step % spec.checkpoint.every == 0 or done:
             metrics.setdefault("step", step)
             t_ck = time.perf_counter()
             with tempfile.TemporaryDirectory(prefix="raybig-ckpt-") as tmp:
-                engine.save_checkpoint(tmp, tag=f"step_{step:08d}", client_state={"step": step})
+                # LoRA: the frozen weights are not saved (they come back from the model folder).
+                engine.save_checkpoint(tmp, tag=f"step_{step:08d}", client_state={"step": step},
+                                       exclude_frozen_parameters=lora)
                 # This rank's file list, so a reader can tell a complete upload from a cut-short one.
                 write_manifest(tmp, rep.rank, rep.world_size, step)
                 metrics["checkpoint_save_s"] = time.perf_counter() - t_ck
@@ -177,40 +208,109 @@ def train_worker(spec: TrainSpec, rep: Reporter, run_dir: str | None,
             rep.report(metrics)
         if metrics:
             last.update(metrics)
+        if metrics and (step % t.log_every == 0 or done):
+            t0 = time.perf_counter()  # evaluation and checkpoint time stay out of step_time
 
     if run_dir is not None:
-        export_final(engine, spec, run_dir, rep.rank)
+        export_final(engine, spec, run_dir, rep.rank, built, tokenizer)
     return last
 
 
 @torch.no_grad()
-def evaluate(engine: Any, batches: Batches, n: int, device: torch.device) -> float:
+def evaluate(engine: Any, batches: Batches, n: int, device: torch.device, built: Built | None = None) -> float:
+    """Mean validation loss over `n` micro batches, averaged over ranks (a Python float)."""
     engine.eval()
-    total = 0.0
+    total = torch.zeros((), dtype=torch.float64, device=device)
     for i in range(n):
         x, y = batches.val_batch(i)
-        total += float(engine(x.to(device), y.to(device)).float())
+        loss = built.loss(engine, x.to(device), y.to(device)) if built is not None else engine(x.to(device), y.to(device))
+        total += loss.detach().to(torch.float64)
     engine.train()
-    (mean,) = all_reduce([total / n], device)
+    (mean,) = all_reduce([float(total) / n], device)
     return mean
 
 
-def export_final(engine: Any, spec: TrainSpec, run_dir: str, rank: int) -> None:
-    """Consolidated weights (safetensors) + model config, loadable without DeepSpeed."""
-    from raybig.train.export import write_export
+def merge_lora_state_dict(sd: dict[str, torch.Tensor], scaling: float,
+                          fan_in_fan_out: bool = False) -> dict[str, torch.Tensor]:
+    """A peft LoRA model's full state dict -> the plain model's, adapters folded in.
+
+    Each adapted weight W (out, in) becomes W + scaling * B @ A, with A (r, in), B (out, r) and
+    scaling = alpha / r (GPT-2's Conv1D stores W as (in, out): `fan_in_fan_out` transposes the
+    update). Keys lose peft's `base_model.model.` prefix and `.base_layer` infix.
+    """
+    def plain(k: str) -> str:
+        return k.removeprefix("base_model.model.").replace(".base_layer.", ".")
+
+    out = {plain(k): v for k, v in sd.items() if ".lora_" not in k}
+    for k, a in sd.items():
+        if ".lora_A." not in k:
+            continue
+        mod, rest = k.split(".lora_A.", 1)
+        b = sd[f"{mod}.lora_B.{rest}"]
+        w = plain(mod) + ".weight"
+        delta = (b.float() @ a.float()) * scaling
+        out[w] = (out[w].float() + (delta.t() if fan_in_fan_out else delta)).to(out[w].dtype)
+    return out
+
+
+def export_final(engine: Any, spec: TrainSpec, run_dir: str, rank: int, built: Built | None = None,
+                 tokenizer: Any = None) -> None:
+    """Consolidated weights (safetensors) + model config, loadable without DeepSpeed.
+
+    Hugging Face models export as a `save_pretrained` folder of their own class (LoRA merged unless
+    `finetune.merge: false`, which writes peft's adapter folder); raybig's GPT as today's export.
+    """
+    from raybig.train.export import EXPORT_DIR, write_export
 
     if spec.deepspeed.zero_stage == 3:
         sd = engine._zero3_consolidated_16bit_state_dict()  # collective: every rank must call it
     else:
         sd = engine.module.state_dict() if rank == 0 else None
-    if rank == 0 and sd is not None:
-        model_cfg = gpt_config(spec).to_dict() if spec.model.target is None else {
+    lora_cfg = None
+    if built is not None and built.lora:
+        lora_cfg = engine.module.peft_config["default"]
+    if rank == 0 and sd is not None and built is not None and built.kind == "hf":
+        _export_hf(engine.module, sd, spec, storage_join(run_dir, EXPORT_DIR), tokenizer, lora_cfg)
+    elif rank == 0 and sd is not None:
+        if lora_cfg is not None:
+            sd = merge_lora_state_dict(sd, lora_cfg.lora_alpha / lora_cfg.r, bool(lora_cfg.fan_in_fan_out))
+        vocab = getattr(tokenizer, "vocab_size", None)
+        model_cfg = gpt_config(spec, vocab).to_dict() if spec.model.target is None else {
             "target": spec.model.target, "kwargs": dict(spec.model.kwargs),
-            "vocab_size": spec.model.vocab_size or VOCAB_SIZE, "seq_len": spec.data.seq_len}
-        write_export(run_dir, sd, model_cfg, tied=getattr(engine.module, "tied_keys", ()),
-                     precision=resolve_precision(spec), name=spec.name)
+            "vocab_size": spec.model.vocab_size or BYTE_VOCAB, "seq_len": spec.data.seq_len}
+        # The export carries the tokenizer its ids belong to (write_export gained `tokenizer=` with
+        # the HF-format export; until both land together, only pass it where it is accepted).
+        kw = {"tokenizer": tokenizer} if "tokenizer" in inspect.signature(write_export).parameters else {}
+        write_export(run_dir, sd, model_cfg, tied=("lm_head.weight",) if built is not None and built.kind == "gpt"
+                     else getattr(engine.module, "tied_keys", ()),
+                     precision=resolve_precision(spec), name=spec.name, **kw)
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
+
+
+def storage_join(*parts: str) -> str:
+    """`raybig.storage.join` (local paths and fsspec URIs alike)."""
+    from raybig import storage
+
+    return storage.join(*parts)
+
+
+def _export_hf(module: Any, sd: dict[str, torch.Tensor], spec: TrainSpec, out: str, tokenizer: Any,
+               lora_cfg: Any) -> None:
+    """Rank 0: write a Hugging Face model's export (see `export_final`)."""
+    from raybig.train.export_hf import atomic_export_dir, hf_tokenizer_for, save_hf_export
+
+    sd = {k: v.detach().to("cpu") for k, v in sd.items()}
+    if lora_cfg is not None and not spec.finetune.merge:  # peft's adapter folder alone
+        with atomic_export_dir(out) as tmp:
+            module.save_pretrained(tmp, state_dict=sd)
+            hf_tokenizer_for(tokenizer).save_pretrained(tmp)
+        return
+    if lora_cfg is not None:
+        sd = merge_lora_state_dict(sd, lora_cfg.lora_alpha / lora_cfg.r, bool(lora_cfg.fan_in_fan_out))
+        module = module.get_base_model()
+    # A tied head shares the embedding's storage; save_pretrained drops the duplicate itself.
+    save_hf_export(module, tokenizer, out, state_dict=sd)
 
 
 @contextlib.contextmanager
@@ -224,16 +324,8 @@ def _local_copy(uri: str) -> Iterator[str]:
         yield download_dir(uri, tmp)
 
 
-def lr_at(spec: TrainSpec, step: int) -> float:
-    """The schedule DeepSpeed's WarmupCosineLR follows (for docs and tests)."""
-    t = spec.train
-    if step < t.warmup:
-        return t.lr * step / max(1, t.warmup)
-    frac = (step - t.warmup) / max(1, t.steps - t.warmup)
-    return t.lr * (t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * frac)))
-
-
 def add_python_path(paths: list[str]) -> None:
+    """Put `paths` first on sys.path (plug-in models' folders)."""
     for p in reversed(paths):
         if p and p not in sys.path:
             sys.path.insert(0, p)
