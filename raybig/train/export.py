@@ -386,7 +386,7 @@ def _consolidate_local(local: str) -> dict[str, torch.Tensor]:
         states = os.path.join(tag_dir, "mp_rank_00_model_states.pt")
         if not os.path.exists(states):
             raise IncompleteCheckpointError(f"checkpoint {local} is incomplete: no model states in {tag}/")
-        return dict(torch.load(states, map_location="cpu")["module"])
+        return dict(torch.load(states, map_location="cpu", weights_only=True)["module"])
 
 
 def consolidate_checkpoint(uri: str) -> dict[str, torch.Tensor]:
