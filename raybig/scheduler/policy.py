@@ -297,7 +297,7 @@ def _shortfall_text(shape: _Shape, free: Res) -> str:
     short = [f"{_num(need[k])} {k}" for k in sorted(need) if need[k] > free.get(k, 0.0) + EPS]
     if short:
         return "waiting for " + " + ".join(short)
-    b = shape.biggest
+    b = shape.biggest or {}  # None only for an empty gang, which always fits
     return "waiting for a node with " + " + ".join(f"{_num(v)} {k}" for k, v in sorted(b.items()) if v) + " free"
 
 

@@ -46,6 +46,8 @@ def write_manifest(local_dir: str, rank: int, world_size: int, step: int) -> str
 
 @dataclass
 class CheckpointCheck:
+    """What `verify` found: complete or not, the step and world size the manifests name, and why not."""
+
     path: str
     complete: bool
     step: int | None = None
@@ -101,7 +103,10 @@ def latest_checkpoint(run_dir: str) -> str | None:
 
 def require_complete(path: str) -> None:
     """Refuse a partial checkpoint before DeepSpeed reads it (it would fail on some rank, or worse).
-    Folders from before manifests existed are let through: DeepSpeed's own `latest` tag still guards."""
+
+    Folders from before manifests existed are let through: DeepSpeed's own `latest` tag still guards.
+    Raises IncompleteCheckpointError.
+    """
     fs, root = storage.fs_for(path)
     if not any(os.path.basename(p).startswith("raybig-manifest-") for p in fs.ls(root, detail=False)):
         return
@@ -124,8 +129,11 @@ def newest_complete_checkpoint(run_dir: str) -> str | None:
 
 
 def recover_snapshot(run_dir: str) -> str | None:
-    """If Ray's snapshot is unreadable or names a folder that is gone, move it aside (Ray would
-    refuse to start the run) and return the newest complete checkpoint to resume from, if any."""
+    """Repair a run whose Ray checkpoint snapshot is unreadable; return a checkpoint to resume from.
+
+    If Ray's snapshot is unreadable or names a folder that is gone, move it aside (Ray would refuse
+    to start the run) and return the newest complete checkpoint, if any.
+    """
     snap = storage.join(run_dir, SNAPSHOT)
     if not storage.exists(snap):
         return None
