@@ -21,13 +21,14 @@ import signal
 import sys
 import threading
 import time
+import traceback
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from raybig.errors import first_line
 from raybig.scheduler.meta import METRICS_PREFIX, Phase, demand_of, priority_of, state_line
 from raybig.scheduler.policy import JobState
 from raybig.spec.base import QueuedSpec
+from raybig.train.causes import root_cause
 from raybig.train.progress import RunHooks
 
 HEARTBEAT_S = float(os.environ.get("RAYBIG_HEARTBEAT_S", "0.5"))
@@ -127,12 +128,24 @@ class _EmitMetrics(RunHooks):
         yield emit
 
 
+def _workdir() -> str:
+    """The job's working folder (the runtime_env working_dir with user plug-ins, if one was shipped).
+
+    Resolved once, at start: Ray may re-extract the working_dir package at the same path while the
+    job runs (another node's agent, a retry), leaving this process in a deleted folder where
+    `os.getcwd()` raises a bare FileNotFoundError. `RAYBIG_WORKDIR` is set by `main`.
+    """
+    path = os.environ.get("RAYBIG_WORKDIR") or os.environ.get("PWD") or "."
+    with contextlib.suppress(OSError):
+        os.chdir(path)  # back into the live folder at that path if ours was replaced
+    return path
+
+
 def _run(spec: Any) -> dict[str, Any]:
     from raybig.runners import run_spec
     from raybig.train.result import TrainResult
 
-    cwd = os.getcwd()  # the runtime_env working_dir (user plug-ins), if one was shipped
-    result = run_spec(spec, python_path=[cwd], hooks=_EmitMetrics())
+    result = run_spec(spec, python_path=[_workdir()], hooks=_EmitMetrics())
     return result.to_json() if isinstance(result, TrainResult) else result
 
 
@@ -142,7 +155,12 @@ def main() -> int:
 
     job_id = os.environ.get("RAYBIG_JOB_ID", "local")  # set by `raybig submit` (the submission id)
     text = base64.b64decode(os.environ["RAYBIG_SPEC_B64"]).decode()
-    sys.path.insert(0, os.getcwd())
+    try:
+        workdir = os.getcwd()  # once, before anything can replace it
+    except FileNotFoundError:  # already replaced: the path the shell started us in
+        workdir = os.environ.get("PWD", ".")
+    os.environ["RAYBIG_WORKDIR"] = workdir
+    sys.path.insert(0, workdir)
     try:
         spec = load_spec_text(text, source=f"job {job_id}")
     except SpecError as e:
@@ -180,7 +198,11 @@ def main() -> int:
             say(JobState.STOPPED)
             return 130
         except Exception as e:  # noqa: BLE001 - any failure of the run counts as an attempt
-            last_err = first_line(e)[:500]
+            last_err = root_cause(e)[:500]  # the root exception and its message, in one line
+            # The whole cause goes into the job's log (`raybig logs JOB`); the state line keeps one line.
+            print(f"[raybig] attempt {attempt + 1} failed:", flush=True)
+            traceback.print_exc(file=sys.stdout)
+            sys.stdout.flush()
             # Backoff: the job keeps its place in the table but asks for nothing (frees its gang).
             holder.phase = Phase.BACKOFF
             holder.beat()
@@ -194,7 +216,21 @@ def main() -> int:
     holder.release()
     say(JobState.FAILED, attempts=retries + 1, error=last_err)
     print(f"[raybig] failed after {retries + 1} attempt(s): {last_err}", flush=True)
+    print(f"[raybig] the traceback is above; the whole log: `raybig logs {job_id}`"
+          + (f", on the head node {_driver_log(job_id)}" if _driver_log(job_id) else ""), flush=True)
     return 1
+
+
+def _driver_log(job_id: str) -> str | None:
+    """This job's driver log file on the head (Ray writes `<session>/logs/job-driver-<id>.log`)."""
+    try:
+        import ray
+
+        node: Any = ray._private.worker._global_node
+        path = os.path.join(node.get_logs_dir_path(), f"job-driver-{job_id}.log")
+    except Exception:  # noqa: BLE001 - only a hint
+        return None
+    return path if os.path.exists(path) else None
 
 
 if __name__ == "__main__":

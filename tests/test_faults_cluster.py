@@ -188,3 +188,21 @@ def test_unplugged_worker_host_with_no_failures_left_ends_failed_with_a_clear_st
     assert "max_failures=0" in err and "node has died" in err and c.hosts[1].ip in err, v
     assert v["metrics"]["step"] < 200, v
     print(f"\nunplugged, no failures left: FAILED {t_failed - t_cut:.1f}s after the cut; error: {err[:300]}")
+
+
+def test_plugin_model_job_runs_across_hosts(cluster, tmp_path):
+    """A `model.target` plug-in (jobs/my_models) travels as the job's working_dir to hosts with their
+    own IPs and temp folders, and trains there (one rank on each worker host)."""
+    c = cluster
+    runs = tmp_path / "runs"
+    args = [sys.executable, "-m", "raybig", "submit", str(ROOT / "jobs/plugin_lstm.yaml"), "--follow",
+            "--set", f"storage.path={runs}", "--set", "resources.custom={rbnode: 1}",
+            "--set", "train.steps=4", "--set", "train.warmup_steps=1", "--set", "train.eval_every=4",
+            "--set", "checkpoint.every=4", "--set", "data.max_bytes=200000"]
+    t0 = time.time()
+    r = subprocess.run(args, capture_output=True, text=True, env=_env(c), timeout=400, cwd=str(ROOT))
+    assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-2000:])
+    job = r.stdout.strip().splitlines()[0]
+    v = _status(c, job)
+    assert v["state"] == "SUCCEEDED" and v["metrics"]["step"] == 4, v
+    print(f"\nplug-in job across hosts: {time.time() - t0:.1f}s")

@@ -61,6 +61,17 @@ def submit(spec_path: str, overrides: tuple[str, ...], address: str | None, prio
     if isinstance(spec, ServeSpec):
         _submit_serve(spec, address)
         return
+    from rich.markup import escape
+
+    from raybig.spec.paths_resolve import resolve_paths
+
+    # Relative local paths resolve here, against this working directory (as `raybig run` does), never
+    # against the cluster's: the job carries absolute paths, which its nodes must see (shared storage).
+    spec, changed = resolve_paths(spec)
+    for r in changed:
+        console.print(f"[yellow]note[/yellow] {escape(f'{r.field} {r.given!r} -> {r.absolute!r}')} (relative to "
+                      "this directory; the cluster must see this path: shared storage, or use an object-store URI)",
+                      soft_wrap=True)
     job_id, url = client.submit(spec, os.path.dirname(os.path.abspath(spec_path)), address, python=python)
     console.print(f"[green]submitted[/green] {job_id} to {url} (priority {priority_of(spec)})")
     out.print(job_id)
@@ -189,14 +200,22 @@ def cluster() -> None:
 @click.option("--worker-cpus", type=float, default=1, show_default=True)
 @click.option("--dir", "cdir", default=None, help="State/log folder (default $RAYBIG_HOME/cluster).")
 def cluster_up(workers: int, head_cpus: float, worker_cpus: float, cdir: str | None) -> None:
-    """Start a head and WORKERS worker nodes as separate Ray processes; saves the address."""
+    """Start a head and WORKERS worker nodes as separate Ray processes; saves the address.
+
+    State lives in `$RAYBIG_HOME/cluster` (or --dir). Over a partly dead cluster recorded there, the
+    processes still provably its own are stopped first; a fully running one is refused.
+    """
     from raybig.cluster.connect import save_address
     from raybig.cluster.local import LocalCluster, default_dir, default_token_path
+    from raybig.cluster.ray_env import PROM_SD_FILE, link_prometheus_sd
 
     d = str(cdir or default_dir())
     old = LocalCluster.load(d)
     if old and old.alive():
         raise RaybigError(f"a cluster is already up at {old.address} (raybig cluster down first)")
+    if old and old.procs:
+        rep = old.down()
+        out.print(f"cleaned up the partly dead cluster recorded in {d}: " + _stop_summary(rep))
     c = LocalCluster(dir=d, workers=workers, head_cpus=head_cpus, worker_cpus=worker_cpus,
                      token_path=default_token_path())
     try:
@@ -205,7 +224,29 @@ def cluster_up(workers: int, head_cpus: float, worker_cpus: float, cdir: str | N
         c.down()
         raise ClusterError(f"the local cluster did not start: {first_line(e)}") from None
     save_address(c.address)
-    out.print(f"[green]up[/green] {c.address}: head + {workers} worker node(s); token {c.token_path}")
+    out.print(f"[green]up[/green] {c.address}: head + {workers} worker node(s); token {c.token_path}; "
+              f"state and logs {d}")
+    try:
+        sd = link_prometheus_sd(os.path.join(c.temp_dir, PROM_SD_FILE))
+        out.print(f"Prometheus file_sd: {sd}")
+    except OSError as e:  # metrics discovery must never fail the cluster
+        out.print(f"Prometheus file_sd: not linked ({e}); the head writes {c.temp_dir}/{PROM_SD_FILE}")
+    out.print(f"Ray's own CLI: RAY_ADDRESS={c.address} RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH={c.token_path} "
+              "ray job list")
+
+
+def _stop_summary(rep: Any) -> str:
+    """One line from a `StopReport`: what was stopped, what was left alone and why."""
+    parts = []
+    if rep.stopped or rep.leftovers:
+        parts.append(f"stopped {len(rep.stopped)} node process(es)"
+                     + (f" and {len(rep.leftovers)} leftover(s)" if rep.leftovers else ""))
+    else:
+        parts.append("nothing of it was still running, nothing was stopped")
+    if rep.left_alone:
+        parts.append(f"left alone PID(s) {', '.join(map(str, rep.left_alone))}: they now belong to other "
+                     "processes (start time or command line differ)")
+    return "; ".join(parts)
 
 
 @cluster.command("status")
@@ -215,11 +256,12 @@ def cluster_status(cdir: str | None) -> None:
     from raybig.cluster.local import LocalCluster
 
     c = LocalCluster.load(cdir)
-    if not c or not c.pids:
+    if not c or not c.procs:
         raise RaybigError("no local cluster is up (raybig cluster up)")
     if not c.alive():
-        raise RaybigError(f"the local cluster at {c.address} is partly or fully down ({c.dir}); "
-                        "run `raybig cluster down` then `up`")
+        raise RaybigError(f"the local cluster at {c.address} is partly or fully down ({len(c._dead())} of "
+                          f"{len(c.procs)} node processes gone; logs in {c.dir}); `raybig cluster up` cleans "
+                          "up what is left and starts a new one")
     nodes = c.nodes()
     out.print(f"{c.address}: {len(nodes)} node(s) alive")
     for n in nodes:
@@ -232,12 +274,21 @@ def cluster_status(cdir: str | None) -> None:
 @cluster.command("down")
 @click.option("--dir", "cdir", default=None)
 def cluster_down(cdir: str | None) -> None:
-    """Stop the local cluster's processes (by PID; never `ray stop`)."""
+    """Stop the local cluster's processes: only those it can prove are its own (never `ray stop`)."""
+    import contextlib
+
+    from raybig.cluster.connect import address_file, saved_address
     from raybig.cluster.local import LocalCluster
 
     c = LocalCluster.load(cdir)
-    if not c or not c.pids:
+    if not c or not c.procs:
         out.print("no local cluster is up")
         return
-    c.down()
-    out.print(f"down: {c.address}")
+    rep = c.down()
+    if saved_address() == c.address:  # later commands must not look for it there
+        with contextlib.suppress(OSError):
+            address_file().unlink()
+    if rep.stopped:
+        out.print(f"down: {c.address} ({_stop_summary(rep)})")
+    else:
+        out.print(f"the cluster recorded in {c.dir} ({c.address}) was already down: {_stop_summary(rep)}")

@@ -47,8 +47,8 @@ def init_kwargs(num_cpus: int, num_gpus: int | None, dashboard: bool, use_gpu: b
 def worker_env(use_gpu: bool) -> dict[str, str]:
     """Env vars every Train worker needs."""
     env = {"PYTHONUNBUFFERED": "1"}
-    if not use_gpu:
-        env["DS_ACCELERATOR"] = "cpu"  # deterministic accelerator choice; lets a GPU box train on CPU
+    # Explicit either way: a DS_ACCELERATOR=cpu inherited from the driver (Makefile, tests) must not reach GPU runs.
+    env["DS_ACCELERATOR"] = "cuda" if use_gpu else "cpu"
     for var in ("TORCH_EXTENSIONS_DIR", "RAYBIG_PEAK_FLOPS"):  # the latter: MFU's peak (raybig.metrics)
         if os.environ.get(var):
             env[var] = os.environ[var]
@@ -72,7 +72,7 @@ def ensure_ray(address: str | None = None, num_cpus: float | None = None, num_gp
     if ray.is_initialized():
         return {"embedded": False, "address": None}
     addr = cluster_address(address)
-    quiet = {"log_to_driver": verbose, "logging_level": logging.INFO if verbose else logging.WARNING}
+    quiet: dict[str, Any] = {"log_to_driver": verbose, "logging_level": logging.INFO if verbose else logging.WARNING}
     if addr:
         ray.init(address=addr, runtime_env={"env_vars": worker_env(use_gpu)}, **quiet)
         return {"embedded": False, "address": addr}
@@ -80,9 +80,23 @@ def ensure_ray(address: str | None = None, num_cpus: float | None = None, num_gp
     # Serve's proxy (a Ray worker: it inherits this env) then answers overload and dead replicas
     # with OpenAI-shaped JSON 503s; see raybig.serve.proxy_errors.
     os.environ.setdefault("RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH", "raybig.serve.proxy_errors:middlewares")
+    # Ray turns token auth on for a new local Ray and logs that it did on every run: drop that one line.
+    _quiet_token_notice()
     ctx = ray.init(**init_kwargs(int(cpus + 0.999), num_gpus, dashboard, use_gpu), **quiet)
     return {"embedded": True, "address": getattr(ctx, "address_info", {}).get("address"),
             "dashboard_url": getattr(ctx, "dashboard_url", None), **publish_metrics_targets()}
+
+
+class _DropTokenNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Token authentication is enabled for this Ray cluster")
+
+
+def _quiet_token_notice() -> None:
+    """Hide Ray's "Token authentication is enabled..." notice (auth stays as Ray sets it up)."""
+    lg = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    if not any(isinstance(f, _DropTokenNotice) for f in lg.filters):
+        lg.addFilter(_DropTokenNotice())
 
 
 # Ray's file name (ray_constants.PROMETHEUS_SERVICE_DISCOVERY_FILE); dashboards/prometheus.yml reads it.
@@ -163,7 +177,7 @@ def publish_metrics_targets() -> dict[str, Any]:
     # Ray writes no discovery file, and its metrics port is random. One node whose ports are fixed for
     # the session, so one write at start-up is enough; with the dashboard, Ray's own writer takes over.
     try:
-        node = ray._private.worker._global_node
+        node: Any = ray._private.worker._global_node
         targets = metrics_targets()
         path, link = write_prometheus_sd(node.get_session_dir_path(), node.get_temp_dir_path(), targets)
     except Exception as e:  # metrics discovery must never fail a run
@@ -172,3 +186,75 @@ def publish_metrics_targets() -> dict[str, Any]:
     print(f"raybig: Prometheus scrape targets {' '.join(targets)} (file_sd: {link} -> {path})",
           file=sys.stderr, flush=True)
     return {"metrics_targets": targets, "prometheus_sd_file": path}
+
+
+def _fmt_res(res: dict[str, float]) -> str:
+    """`{CPU: 1, GPU: 1, memory: 4.0 GiB}`: a bundle as a person reads it."""
+    def one(k: str, v: float) -> str:
+        if k in ("memory", "object_store_memory"):
+            return f"{k}: {v / 2**30:.1f} GiB"
+        return f"{k}: {v:g}"
+
+    return "{" + ", ".join(one(k, v) for k, v in res.items()) + "}"
+
+
+def gang_shortfall(bundle: dict[str, float], workers: int, nodes: list[dict[str, float]]) -> str | None:
+    """What keeps `workers` copies of `bundle` from ever fitting on `nodes`, or None if they fit.
+
+    A bundle cannot span nodes, so each node holds `min(node[r] // bundle[r])` of them; the gang
+    fits when those add up to `workers` (exact for identical bundles). Totals, not what is free now:
+    a busy cluster is a reason to wait, not to refuse.
+
+    Args:
+        bundle: one worker's resources (`{"CPU": 1, "GPU": 1}`); zero amounts are ignored.
+        workers: how many such bundles the gang needs at once.
+        nodes: each alive node's total resources.
+
+    Returns:
+        One line for the user ("needs 2 workers × {GPU: 1}; this Ray has GPU: 0 on every node"), or None.
+    """
+    want = {k: float(v) for k, v in bundle.items() if v and float(v) > 0}
+    need = f"needs {workers} worker{'s' if workers != 1 else ''} × {_fmt_res(want)}"
+    if not nodes:
+        return f"{need}; this Ray has no alive node"
+    for k, v in want.items():
+        most = max(float(n.get(k, 0)) for n in nodes)
+        if most < v:
+            amount = _fmt_res({k: most})[1:-1]
+            where = "on every node" if len(nodes) > 1 else "(1 node)"
+            if most == 0:
+                return f"{need}; this Ray has {amount} {where}"
+            return f"{need}; no node has {_fmt_res({k: v})[1:-1]} (the most on one node is {amount.split(': ')[1]})"
+    per_node = [int(min(float(n.get(k, 0)) // v for k, v in want.items())) if want else workers for n in nodes]
+    if sum(per_node) >= workers:
+        return None
+    short = [k for k, v in want.items() if sum(float(n.get(k, 0)) for n in nodes) < v * workers]
+    total = _fmt_res({k: sum(float(n.get(k, 0)) for n in nodes) for k in (short or want)})[1:-1]
+    return f"{need}; at most {sum(per_node)} fit at once on this Ray's {len(nodes)} node(s) (in all {total})"
+
+
+def check_gang_fits(bundle: dict[str, float], workers: int, what: str = "this run") -> None:
+    """Refuse at once a gang the connected Ray can never place (instead of Ray's silent wait).
+
+    Call it after `ensure_ray`, before `TorchTrainer.fit` / `Tuner.fit`. An autoscaling cluster
+    that will add the missing nodes can skip it with RAYBIG_NO_FIT_CHECK=1.
+
+    Args:
+        bundle: one worker's resources (`spec.worker_bundle()`).
+        workers: the gang size (`spec.resources.workers`).
+        what: names the job in the message.
+
+    Raises:
+        UsageError: the gang cannot fit on the alive nodes' total resources (exit 2; one line).
+    """
+    import ray
+
+    from raybig.errors import UsageError
+
+    if os.environ.get("RAYBIG_NO_FIT_CHECK") == "1":
+        return
+    nodes = [dict(n.get("Resources", {})) for n in ray.nodes() if n.get("Alive")]
+    why = gang_shortfall(bundle, workers, nodes)
+    if why:
+        raise UsageError(f"{what} {why}: lower resources.workers / the per-worker resources, or add nodes "
+                         "that have them (an autoscaling cluster: RAYBIG_NO_FIT_CHECK=1)")

@@ -73,9 +73,11 @@ def _free_subnet() -> int:
 
 
 def cleanup_stale() -> list[str]:
-    """Remove what an earlier harness left behind when its process was killed outright (no teardown
-    ran): namespaces `rb<pid>-n<i>` and bridges `rb<pid>br` whose <pid> is gone, with the processes
-    that harness started inside them. Returns the namespaces removed."""
+    """Remove what an earlier harness left behind when its process was killed outright (no teardown).
+
+    That is: namespaces `rb<pid>-n<i>` and bridges `rb<pid>br` whose <pid> is gone, with the processes
+    that harness started inside them. Returns the namespaces removed.
+    """
     import re
 
     def gone(pid: int) -> bool:
@@ -104,6 +106,8 @@ def cleanup_stale() -> list[str]:
 
 @dataclass
 class Host:
+    """One simulated machine: its namespace, address, veth, temp folder and `ray start` PID."""
+
     name: str  # the namespace
     ip: str
     veth: str  # the root-namespace end, enslaved to the bridge
@@ -114,6 +118,8 @@ class Host:
 
 @dataclass
 class NetnsCluster:
+    """A head and `workers` worker hosts, each in its own network namespace (see the module docstring)."""
+
     dir: str
     workers: int = 2
     head_cpus: float = 1
@@ -129,6 +135,7 @@ class NetnsCluster:
     # -- addresses -------------------------------------------------------------------------------
     @property
     def head(self) -> Host:
+        """The head host."""
         return self.hosts[0]
 
     @property
@@ -138,6 +145,7 @@ class NetnsCluster:
 
     @property
     def gcs_address(self) -> str:
+        """`IP:PORT` of the head's GCS."""
         return f"{self.head.ip}:{GCS_PORT}"
 
     def client_env(self) -> dict[str, str]:
@@ -149,6 +157,7 @@ class NetnsCluster:
 
     # -- bring-up --------------------------------------------------------------------------------
     def up(self, timeout: float = 120) -> NetnsCluster:
+        """Make the bridge and hosts, start the head then the workers; all torn down on failure."""
         why = unavailable_reason()
         if why:
             raise RuntimeError(why)
@@ -248,6 +257,7 @@ class NetnsCluster:
         _ip("link", "set", self.hosts[i].veth, "down")
 
     def restore_link(self, i: int) -> None:
+        """Plug host i back in."""
         _ip("link", "set", self.hosts[i].veth, "up")
 
     # -- state -----------------------------------------------------------------------------------
@@ -275,6 +285,7 @@ class NetnsCluster:
                 if n.get("raylet", {}).get("state") == "ALIVE"]
 
     def node_ips(self) -> list[str]:
+        """The alive nodes' IPs, sorted."""
         return sorted(n["raylet"]["nodeManagerAddress"] for n in self.nodes())
 
     def wait_nodes(self, n: int, timeout: float = 90) -> None:
@@ -288,6 +299,7 @@ class NetnsCluster:
         raise TimeoutError(f"{n} alive nodes not reached in {timeout}s; see {self.dir}/*.log")
 
     def save(self) -> None:
+        """Write this object to `<dir>/cluster.json`."""
         from dataclasses import asdict
 
         (pathlib.Path(self.dir) / "cluster.json").write_text(json.dumps(asdict(self), indent=2))
