@@ -60,7 +60,7 @@ def _generated(spec: TrainSpec, on_cuda: bool | None, capability: tuple[int, int
         "optimizer": {"type": "AdamW", "params": opt_params},
         "scheduler": {"type": "WarmupCosineLR", "params": {
             "total_num_steps": t.steps,
-            "warmup_num_steps": t.warmup,
+            "warmup_num_steps": max(1, t.warmup),  # DeepSpeed refuses 0 (short runs default to it)
             "warmup_type": "linear",
             "warmup_min_ratio": 0.0,
             "cos_min_ratio": t.min_lr_ratio,

@@ -242,7 +242,7 @@ def run_sweep(spec: SweepSpec, address: str | None = None, python_path: list[str
     global _note
     import os
 
-    from raybig.cluster.ray_env import ensure_ray
+    from raybig.cluster.ray_env import check_gang_fits, ensure_ray
     from raybig.tune.report import write_report
 
     hooks = hooks or RunHooks()
@@ -253,6 +253,7 @@ def run_sweep(spec: SweepSpec, address: str | None = None, python_path: list[str
     # the workers of an ASHA-stopped trial are never given back (the next trial hangs).
     ensure_ray(address, num_cpus=b.workers * b.cpus_per_worker * spec.max_concurrent_trials + 1,
                dashboard=True, use_gpu=b.gpus_per_worker > 0, verbose=verbose)
+    check_gang_fits(spec.base.worker_bundle(), b.workers, f"sweep {spec.name!r}")
     tuner, restored = build_tuner(spec, sweep_dir, python_path or [os.getcwd()])
     hooks.note(f"{'resuming' if restored else 'starting'} sweep {spec.name!r}: {spec.total_trials()} trials, "
                f"{spec.algorithm}, scheduler {spec.scheduler} -> {sweep_dir}")
