@@ -116,12 +116,19 @@ def list_sources(path: str | Sequence[str]) -> list[SourceFile]:
     return [out[k] for k in sorted(out)]
 
 
+def stdlib_files() -> list[str]:
+    """`stdlib://`: this Python's own standard-library sources (present on every machine), sorted."""
+    root = sysconfig.get_paths()["stdlib"]
+    fs = fsspec.filesystem("file")
+    files = [f for f in fs.glob(f"{root}/*.py") if "/site-packages/" not in f]
+    files += fs.glob(f"{root}/json/*.py") + fs.glob(f"{root}/email/*.py")
+    return sorted(files)
+
+
 def _list_one(path: str) -> list[SourceFile]:
     if path.startswith("stdlib://"):
-        root = sysconfig.get_paths()["stdlib"]
         fs = fsspec.filesystem("file")
-        files = [f for f in fs.glob(f"{root}/*.py") if "/site-packages/" not in f]
-        files += fs.glob(f"{root}/json/*.py") + fs.glob(f"{root}/email/*.py")
+        files = stdlib_files()
         return [SourceFile(f, int(i["size"]), _mtime(i)) for f in files for i in [fs.info(f)]]
     fs, _, found = fsspec.get_fs_token_paths(path)
     out: list[SourceFile] = []

@@ -9,7 +9,6 @@ an RNG keyed on (seed, rank, step, micro), so a resumed run sees the same batche
 
 from __future__ import annotations
 
-import sysconfig
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,17 +16,14 @@ import fsspec
 import numpy as np
 import torch
 
+from raybig.data.sources import stdlib_files
 from raybig.spec.models import DataSpec
 
 
 def list_files(path: str) -> list[str]:
     """Resolve a data path to a sorted list of fsspec URLs."""
     if path.startswith("stdlib://"):
-        root = sysconfig.get_paths()["stdlib"]
-        fs = fsspec.filesystem("file")
-        files = [f for f in fs.glob(f"{root}/*.py") if "/site-packages/" not in f]
-        files += fs.glob(f"{root}/json/*.py") + fs.glob(f"{root}/email/*.py")
-        return sorted(files)
+        return stdlib_files()
     fs, _, paths = fsspec.get_fs_token_paths(path)
     out: list[str] = []
     for p in paths:
