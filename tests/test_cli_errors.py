@@ -99,4 +99,4 @@ def test_edited_sweep_rerun_under_same_name_is_exit_2(tmp_path):
     # What an earlier run of a different spec under the same name left behind.
     (sweep_dir / "sweep.json").write_text(json.dumps({"name": "sw", "kind": "sweep", "spec_hash": "0123456789ab"}))
     r = raybig("run", str(sweep), cwd=tmp_path)
-    one_error(r, 2, "holds another sweep", "0123456789ab")
+    one_error(r, 2, "run with another spec", "new name", "nothing was started")
