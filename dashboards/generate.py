@@ -150,10 +150,9 @@ def serving() -> dict[str, Any]:
         panel("Batch size", [
             (f"sum by (application) (rate(ray_raybig_serve_batch_size_sum{{{a}}}[{RI}])) / "
              f"sum by (application) (rate(ray_raybig_serve_batch_size_count{{{a}}}[{RI}]))", "{{application}} mean"),
-            (hq(0.95, "ray_raybig_serve_batch_size", a, "application"), "{{application}} p95"),
-            (f"sum by (application) (rate(ray_serve_actual_batch_size_sum{{{a}}}[{RI}])) / "
-             f"sum by (application) (rate(ray_serve_actual_batch_size_count{{{a}}}[{RI}]))",
-             "{{application}} Serve's mean")], "short"),
+            # Rows per engine step. Serve's own ray_serve_actual_batch_size comes only from
+            # @serve.batch, which the continuous-batching engine does not use.
+            (hq(0.95, "ray_raybig_serve_batch_size", a, "application"), "{{application}} p95")], "short"),
         panel("Replica processing latency", [
             (hq(0.95, "ray_serve_deployment_processing_latency_ms", a, "application, deployment"),
              "{{application}}/{{deployment}} p95")], "ms"),
