@@ -1,6 +1,6 @@
 """Prepared token shards: Ray Data tokenization, per-rank streaming, formats, bad input.
 
-The tests that exercise Ray start one local Ray (2 CPUs, no dashboard) for the module; the rest
+The tests that exercise Ray use the session's local Ray (conftest `ray_local`); the rest
 run the same per-item code in-process (`use_ray=False`) to keep the file well under 90 s.
 Run with: flock /tmp/raybig-ray.lock pytest tests/test_data_prepare.py
 """
@@ -26,14 +26,12 @@ from raybig.tokenizer import BYTES
 
 
 @pytest.fixture(scope="module")
-def ray_data():
+def ray_data(ray_local):
+    """The session's local Ray (an earlier test may have started it; a second `ray.init` would fail)."""
     import ray
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
-             configure_logging=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield
-    ray.shutdown()
 
 
 def _docs(uri: str, split: str = "train") -> list[tuple[np.ndarray, np.ndarray | None]]:

@@ -184,8 +184,10 @@ def test_unplugged_worker_host_with_no_failures_left_ends_failed_with_a_clear_st
         _restore_all(c, restart=(1,))
     assert v["state"] == "FAILED", v
     err = v.get("error") or ""
-    # One line naming what happened: restarts spent, the node died, which host.
-    assert "max_failures=0" in err and "node has died" in err and c.hosts[1].ip in err, v
+    # One line naming what happened: restarts spent, the host lost (Train's health check may see it
+    # before Ray declares the node dead, whichever comes first), which host.
+    lost = "node has died" in err or "health check failed" in err
+    assert "max_failures=0" in err and lost and c.hosts[1].ip in err, v
     assert v["metrics"]["step"] < 200, v
     print(f"\nunplugged, no failures left: FAILED {t_failed - t_cut:.1f}s after the cut; error: {err[:300]}")
 
