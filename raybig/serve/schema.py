@@ -34,15 +34,15 @@ class ApiError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
-class CompletionRequest(BaseModel):
-    """POST /v1/completions. Strict types: "5" is not a number; unknown OpenAI fields are ignored."""
+class SamplingRequest(BaseModel):
+    """The fields completions and chat share.
+
+    Strict types: "5" is not a number; unknown OpenAI fields are ignored.
+    """
 
     model_config = ConfigDict(extra="ignore", strict=True)
 
     model: str | None = None
-    prompt: str | list[str] | list[int] | list[list[int]]
-    """Text, texts, token ids, or lists of token ids (what lm-eval's local-completions sends)."""
-    max_tokens: int | None = Field(None, ge=0)
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     stop: str | list[str] | None = None
@@ -50,9 +50,17 @@ class CompletionRequest(BaseModel):
     n: int = Field(1, ge=1)
     stream: bool = False
     stream_options: dict[str, Any] | None = None
+    user: str | None = None
+
+
+class CompletionRequest(SamplingRequest):
+    """POST /v1/completions."""
+
+    prompt: str | list[str] | list[int] | list[list[int]]
+    """Text, texts, token ids, or lists of token ids (what lm-eval's local-completions sends)."""
+    max_tokens: int | None = Field(None, ge=0)
     echo: bool = False
     logprobs: int | None = None
-    user: str | None = None
 
 
 MAX_LOGPROBS = 5
@@ -84,24 +92,13 @@ class ChatMessage(BaseModel):
         return "".join(out)
 
 
-class ChatRequest(BaseModel):
+class ChatRequest(SamplingRequest):
     """POST /v1/chat/completions (the fields raybig honours; others are ignored)."""
 
-    model_config = ConfigDict(extra="ignore", strict=True)
-
-    model: str | None = None
     messages: list[ChatMessage]
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0.0, le=2.0)
-    top_p: float | None = Field(None, gt=0.0, le=1.0)
-    stop: str | list[str] | None = None
-    seed: int | None = Field(None, ge=0, le=2**63 - 1)
-    n: int = Field(1, ge=1)
-    stream: bool = False
-    stream_options: dict[str, Any] | None = None
     logprobs: bool = False
-    user: str | None = None
 
 
 def check_content_type(content_type: str | None) -> None:
