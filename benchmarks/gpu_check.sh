@@ -102,3 +102,30 @@ print(json.dumps({"check": "serve gpu", "requests": 8, "wall_s": round(wall, 2),
 from ray import serve
 serve.shutdown()
 PY
+
+# 4. engine: vllm (Ray Serve LLM) on the same export, only where vllm is installed: same routes.
+if python -c "import vllm" 2>/dev/null; then
+timeout 300 python - "$OUT" <<'PY'
+import json, sys, time
+
+import requests
+
+from raybig.serve.local import start_serve
+from raybig.spec import load_spec_text
+
+out = sys.argv[1]
+spec = load_spec_text(f"kind: serve\nname: gpu-vllm\ncheckpoint: {out}/runs/gpu-gpt2-125m\nengine: vllm\n"
+                      "resources: {num_cpus: 2, num_gpus: 1}\nport: 8012\n"
+                      "generation: {max_tokens: 64, max_new_tokens: 128}\n")
+t = time.perf_counter()
+res = start_serve(spec)
+r = requests.post(f"{res['url']}/completions", json={"model": "gpu-vllm", "prompt": "def main():",
+                  "max_tokens": 32, "temperature": 0}, timeout=120)
+print(json.dumps({"check": "serve vllm", "status": r.status_code, "ready_s": round(time.perf_counter() - t, 1),
+                  "text": r.json()["choices"][0]["text"][:80] if r.ok else r.text[:200]}))
+from ray import serve
+serve.shutdown()
+PY
+else
+  echo '{"check": "serve vllm", "skipped": "vllm not installed"}'
+fi

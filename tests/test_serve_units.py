@@ -196,3 +196,44 @@ def test_raybig_run_serve_user_errors_are_one_line(tmp_path, monkeypatch, gpt):
     spec.write_text(f"kind: serve\nname: app\ncheckpoint: {tmp_path / 'run'}\napi_key_env: NOT_SET_KEY\n")
     res = CliRunner().invoke(main, ["run", str(spec)])
     assert res.exit_code == 1 and "NOT_SET_KEY is not set" in res.output
+
+
+def _with_vllm(monkeypatch):
+    """Pretend vllm is importable (validation checks for the package; nothing here imports it)."""
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: object() if n == "vllm" else real(n, *a))
+
+
+def test_vllm_engine_config_is_ray_serve_llm_declarative(tmp_path, monkeypatch, gpt):
+    from raybig.serve.deploy import VLLM_IMPORT_PATH, serve_config
+    from raybig.train.export import write_export
+
+    _with_vllm(monkeypatch)
+    write_export(str(tmp_path / "run"), gpt.state_dict(), gpt.config.to_dict(), tied=GPT.tied_keys)
+    spec = load_spec_text(f"kind: serve\nname: app\ncheckpoint: {tmp_path / 'run'}\nengine: vllm\n"
+                          "resources: {num_gpus: 2}\nautoscaling: {min_replicas: 1, max_replicas: 4}\n"
+                          "batching: {max_batch_size: 64}\n")
+    app = serve_config(spec)["applications"][0]
+    assert app["import_path"] == VLLM_IMPORT_PATH and "deployments" not in app
+    (llm,) = app["args"]["llm_configs"]
+    assert llm["model_loading_config"] == {"model_id": "app", "model_source": str(tmp_path / "run" / "export")}
+    assert llm["engine_kwargs"]["tensor_parallel_size"] == 2 and llm["engine_kwargs"]["max_num_seqs"] == 64
+    assert llm["deployment_config"]["autoscaling_config"]["max_replicas"] == 4
+    # The export vLLM loads is a Hugging Face folder (raybig's GPT exports in GPT-2 layout).
+    cfg = json.loads((tmp_path / "run" / "export" / "config.json").read_text())
+    assert cfg["architectures"] == ["GPT2LMHeadModel"]
+
+
+@pytest.mark.parametrize("extra,path,words", [
+    ("", "resources.num_gpus", "whole GPUs"),
+    ("resources: {num_gpus: 1}\nquantize: int8\n", "quantize", "vLLM"),
+    ("resources: {num_gpus: 1}\napi_key_env: MY_KEY\n", "api_key_env", "no API key check"),
+])
+def test_vllm_engine_refuses_what_it_cannot_honour(extra, path, words, monkeypatch):
+    _with_vllm(monkeypatch)
+    with pytest.raises(SpecError) as e:
+        load_spec_text(BASE + "engine: vllm\n" + extra)
+    issue = e.value.issues[0]
+    assert ".".join(map(str, issue.path)) == path and words in issue.message

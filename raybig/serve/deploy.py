@@ -33,14 +33,66 @@ def deployment_options(spec: ServeSpec) -> dict[str, Any]:
             "ray_actor_options": actor}
 
 
+VLLM_IMPORT_PATH = "ray.serve.llm:build_openai_app"
+"""Ray Serve LLM's OpenAI app builder (needs the `vllm` package on the replicas' nodes)."""
+
+
+def _export_dir(spec: ServeSpec, checkpoint: str | None) -> str:
+    try:
+        return resolve_export(checkpoint or spec.checkpoint)
+    except FileNotFoundError as e:
+        raise ServeError(f"checkpoint: {e}") from None
+
+
+def vllm_args(spec: ServeSpec, checkpoint: str | None = None) -> dict[str, Any]:
+    """`build_openai_app` args (`{"llm_configs": [LLMConfig as a dict]}`) for `engine: vllm`.
+
+    The export must be a Hugging Face folder (every raybig export is: GPT-2 layout for raybig's GPT).
+    A local folder is the model source as is; an `s3://` or `gs://` export is mirrored by Ray Serve
+    LLM (`bucket_uri`). The model id is the app name (as with engine: raybig); `batching.batch_size`
+    becomes vLLM's `max_num_seqs` and `resources.num_gpus` its tensor-parallel size.
+    Source: Ray Serve LLM's `LLMConfig` / `LLMServingArgs` (docs.ray.io, serve/llm).
+
+    Raises:
+        ServeError: no export at the checkpoint, not a Hugging Face layout, or a storage scheme
+            vLLM cannot read.
+    """
+    from raybig import storage
+    from raybig.train.export import export_format, read_config
+
+    ex = _export_dir(spec, checkpoint)
+    if export_format(read_config(ex)) != "hf":
+        raise ServeError(f"checkpoint: {ex} is not a Hugging Face layout (config.json with architectures); "
+                         "re-export it with `raybig export`")
+    scheme = "file" if storage.is_local(ex) else ex.split("://", 1)[0]
+    source: Any
+    if scheme == "file":
+        source = storage.normalize(ex)
+    elif scheme in ("s3", "gs"):
+        source = {"bucket_uri": ex}
+    else:
+        raise ServeError(f"checkpoint: engine: vllm reads local folders, s3:// or gs://, not {scheme}://")
+    r, a = spec.resources, spec.autoscaling
+    autoscaling = {"min_replicas": a.min_replicas, "max_replicas": a.max_replicas,
+                   "target_ongoing_requests": a.target_ongoing_requests,
+                   "upscale_delay_s": a.upscale_delay_s, "downscale_delay_s": a.downscale_delay_s}
+    if a.initial_replicas is not None:
+        autoscaling["initial_replicas"] = a.initial_replicas
+    return {"llm_configs": [{
+        "model_loading_config": {"model_id": spec.name, "model_source": source},
+        "deployment_config": {"autoscaling_config": autoscaling,
+                              "max_ongoing_requests": spec.batching.ongoing},
+        "engine_kwargs": {"max_num_seqs": spec.batching.batch_size,
+                          "tensor_parallel_size": int(r.num_gpus),
+                          "max_model_len": spec.generation.max_prompt_tokens + spec.generation.max_new_tokens},
+    }]}
+
+
 def app_args(spec: ServeSpec, checkpoint: str | None = None) -> dict[str, Any]:
     """Builder args. Raises ServeError if the checkpoint has no export or the key env var is unset."""
     if spec.engine == "vllm":
-        raise ServeError("engine: vllm is not wired into this build yet; use engine: raybig")
-    try:
-        ckpt = resolve_export(checkpoint or spec.checkpoint)
-    except FileNotFoundError as e:
-        raise ServeError(f"checkpoint: {e}") from None
+        return vllm_args(spec, checkpoint)
+    ckpt = _export_dir(spec, checkpoint)
     try:
         digest = api_key_digest(spec.api_key_env)
     except KeyError:
@@ -56,6 +108,9 @@ def app_args(spec: ServeSpec, checkpoint: str | None = None) -> dict[str, Any]:
 def app_config(spec: ServeSpec, checkpoint: str | None = None) -> dict[str, Any]:
     """One entry of the config's `applications` list."""
     args = app_args(spec, checkpoint)
+    if spec.engine == "vllm":  # Ray Serve LLM names and sizes its own deployments from llm_configs
+        return {"name": spec.name, "route_prefix": spec.route_prefix, "import_path": VLLM_IMPORT_PATH,
+                "args": args}
     return {"name": spec.name, "route_prefix": spec.route_prefix, "import_path": IMPORT_PATH,
             "args": args, "deployments": [{"name": DEPLOYMENT, **deployment_options(spec)}]}
 

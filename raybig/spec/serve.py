@@ -175,6 +175,22 @@ class ServeSpec(Strict):
             raise ValueError("vllm needs the vllm package and a GPU; vllm is not installed here")
         return v
 
+    @model_validator(mode="after")
+    def _vllm(self) -> ServeSpec:
+        # Ray Serve LLM owns the HTTP layer and the batching for engine: vllm; refuse what it cannot honour.
+        if self.engine != "vllm":
+            return self
+        if self.resources.num_gpus < 1 or self.resources.num_gpus != int(self.resources.num_gpus):
+            raise at("resources.num_gpus", "engine: vllm needs whole GPUs per replica (num_gpus >= 1; it is "
+                     "the tensor-parallel size)")
+        if self.quantize != "none":
+            raise at("quantize", "int8 is raybig's CPU quantization; with engine: vllm use vLLM's own "
+                     "quantized checkpoints")
+        if self.api_key_env is not None:
+            raise at("api_key_env", "engine: vllm serves through Ray Serve LLM's ingress, which has no API "
+                     "key check; put an authenticating gateway in front, or use engine: raybig")
+        return self
+
     @field_validator("checkpoint")
     @classmethod
     def _ckpt(cls, v: str) -> str:
