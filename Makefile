@@ -26,7 +26,7 @@ quickstart: setup
 
 test: setup
 	bash scripts/system-deps.sh
-	$(BIN)/pytest -q -rs --durations=25 tests; rc=$$?; if [ $$rc -eq 5 ]; then exit 0; fi; exit $$rc
+	$(BIN)/pytest -q -rs --durations=60 tests; rc=$$?; if [ $$rc -eq 5 ]; then exit 0; fi; exit $$rc
 
 test-fast: setup
 	$(BIN)/pytest -q -m "unit" tests
