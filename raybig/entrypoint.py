@@ -53,7 +53,9 @@ class Holder:
     def __init__(self, job_id: str, job: dict[str, Any]):
         self.job_id, self.job = job_id, job
         self.phase = Phase.WAITING
+        self.info: dict[str, Any] = {}  # attempt, error, latest metrics: shown by `raybig list/queue`
         self._handle: Any = None
+        self._legacy = False  # the scheduler actor predates `info` (an older raybig on the cluster)
         self._stop = threading.Event()
 
     def _sched(self) -> Any:
@@ -71,8 +73,11 @@ class Holder:
             return {"admitted": True}
 
         try:
-            return ray.get(self._sched().heartbeat.remote(self.job_id, self.phase, self.job), timeout=30)
-        except Exception:  # noqa: BLE001 - the scheduler died or restarts: get it again next beat
+            args = (self.job_id, self.phase, self.job) + (() if self._legacy else (dict(self.info),))
+            return ray.get(self._sched().heartbeat.remote(*args), timeout=30)
+        except Exception as e:  # noqa: BLE001 - the scheduler died or restarts: get it again next beat
+            if "positional argument" in str(e) and not self._legacy:
+                self._legacy = True  # an older scheduler actor: heartbeat without `info`
             self._handle = None
             return None
 
@@ -104,26 +109,47 @@ class Holder:
                 self.beat()
         threading.Thread(target=loop, daemon=True).start()
 
-    def release(self) -> None:
-        """Stop heartbeating and tell the scheduler this job no longer holds its gang."""
+    def release(self, state: JobState | None = None, error: str = "") -> None:
+        """Stop heartbeating and tell the scheduler this job no longer holds its gang.
+
+        Args:
+            state: how the job ended (kept by the scheduler for `raybig list --all`), if it did.
+            error: its one-line cause when it failed.
+        """
         import ray
 
         self._stop.set()
         if OFF:
             return
+        outcome = None if state is None else {"state": state.value, **({"error": error} if error else {})}
         try:
-            ray.get(self._sched().release.remote(self.job_id), timeout=10)
+            args = (self.job_id,) + (() if self._legacy or outcome is None else (outcome,))
+            ray.get(self._sched().release.remote(*args), timeout=10)
         except Exception:  # noqa: BLE001 - the scheduler drops ended jobs from the table anyway
             pass
 
 
+# The metrics the board carries for `raybig list/queue` (the whole record stays in the job's log).
+BOARD_METRICS = ("step", "loss", "val_loss", "tokens_per_s")
+
+
 class _EmitMetrics(RunHooks):
-    """Prints each train metrics record as a log line (`raybig status` shows the latest)."""
+    """Prints each train metrics record as a log line (`raybig status` shows the latest).
+
+    The latest progress also goes to the holder's heartbeats, for `raybig list/queue`.
+    """
+
+    def __init__(self, holder: Holder | None = None) -> None:
+        self.holder = holder
 
     @contextlib.contextmanager
     def train(self, spec: Any) -> Iterator[Callable[[dict[str, Any]], None]]:
         def emit(m: dict[str, Any]) -> None:
             print(METRICS_PREFIX + json.dumps(m, default=str), flush=True)
+            if self.holder is not None:
+                latest = dict(self.holder.info.get("metrics") or {})
+                latest.update({k: m[k] for k in BOARD_METRICS if isinstance(m.get(k), int | float)})
+                self.holder.info = {**self.holder.info, "metrics": latest}
 
         yield emit
 
@@ -141,11 +167,11 @@ def _workdir() -> str:
     return path
 
 
-def _run(spec: Any) -> dict[str, Any]:
+def _run(spec: Any, holder: Holder | None = None) -> dict[str, Any]:
     from raybig.runners import run_spec
     from raybig.train.result import TrainResult
 
-    result = run_spec(spec, python_path=[_workdir()], hooks=_EmitMetrics())
+    result = run_spec(spec, python_path=[_workdir()], hooks=_EmitMetrics(holder))
     return result.to_json() if isinstance(result, TrainResult) else result
 
 
@@ -188,13 +214,14 @@ def main() -> int:
             holder.wait_admitted()
             os.environ["RAYBIG_ATTEMPT"] = str(attempt + 1)
             say(JobState.RUNNING, attempt=attempt + 1, of=retries + 1)
+            holder.info = {"attempt": attempt + 1, "of": retries + 1}
             holder.keep_alive()
-            result = _run(spec)
-            holder.release()
+            result = _run(spec, holder)
+            holder.release(JobState.SUCCEEDED)
             say(JobState.SUCCEEDED, attempt=attempt + 1, result=result)
             return 0
         except KeyboardInterrupt:
-            holder.release()
+            holder.release(JobState.STOPPED)
             say(JobState.STOPPED)
             return 130
         except Exception as e:  # noqa: BLE001 - any failure of the run counts as an attempt
@@ -205,6 +232,7 @@ def main() -> int:
             sys.stdout.flush()
             # Backoff: the job keeps its place in the table but asks for nothing (frees its gang).
             holder.phase = Phase.BACKOFF
+            holder.info = {"attempt": attempt + 1, "of": retries + 1, "error": last_err}
             holder.beat()
             if attempt < retries:
                 delay = BACKOFF_S * (2 ** attempt)
@@ -213,7 +241,7 @@ def main() -> int:
 
                 scheduler_retry(job["priority"], type(e).__name__)  # Prometheus; reason = exception class
                 time.sleep(delay)
-    holder.release()
+    holder.release(JobState.FAILED, last_err)
     say(JobState.FAILED, attempts=retries + 1, error=last_err)
     print(f"[raybig] failed after {retries + 1} attempt(s): {last_err}", flush=True)
     print(f"[raybig] the traceback is above; the whole log: `raybig logs {job_id}`"

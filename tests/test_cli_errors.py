@@ -100,3 +100,49 @@ def test_edited_sweep_rerun_under_same_name_is_exit_2(tmp_path):
     (sweep_dir / "sweep.json").write_text(json.dumps({"name": "sw", "kind": "sweep", "spec_hash": "0123456789ab"}))
     r = raybig("run", str(sweep), cwd=tmp_path)
     one_error(r, 2, "run with another spec", "new name", "nothing was started")
+
+
+# --- `--verbose`: the traceback on request, one line otherwise (issue 19) ---------------------------
+
+BOOM_VALIDATE = """import sys
+import raybig.spec.summary as s
+def boom(spec):
+    raise RuntimeError("boom: an unexpected bug")
+s.validate_summary = boom
+from raybig.cli import main
+sys.argv = ["raybig", *sys.argv[1:]]
+main()
+"""
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("verbose", [False, True])
+def test_expected_failure_is_one_line_and_verbose_adds_the_traceback(tmp_path, verbose):
+    r = raybig(*(["--verbose"] if verbose else []), "report", str(tmp_path / "nothing"), cwd=tmp_path,
+               timeout=120)
+    lines = [ln for ln in r.stderr.splitlines() if ln.startswith("error")]
+    assert r.returncode == 2 and len(lines) == 1 and "no metrics.jsonl" in lines[0], r.stderr[-3000:]
+    if verbose:
+        assert "Traceback (most recent call last)" in r.stderr and "ReportError" in r.stderr
+    else:
+        assert r.stderr.strip().splitlines() == lines, r.stderr  # nothing but the one line
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("verbose", [False, True])
+def test_unexpected_failure_is_one_line_and_verbose_adds_the_traceback(tmp_path, verbose):
+    """A bug (not a RaybigError) is still one `error internal error: ...` line, exit 1."""
+    spec = tmp_path / "t.yaml"
+    spec.write_text(TRAIN.format(name="boom", model="{preset: gpt-debug}", storage=tmp_path / "runs"))
+    script = tmp_path / "cli_with_a_bug.py"
+    script.write_text(BOOM_VALIDATE)
+    e = {**os.environ, "RAYBIG_HOME": str(tmp_path / "home")}
+    r = subprocess.run([sys.executable, str(script), *(["--verbose"] if verbose else []), "validate", str(spec)],
+                       capture_output=True, text=True, env=e, cwd=str(tmp_path), timeout=120)
+    lines = [ln for ln in r.stderr.splitlines() if ln.startswith("error")]
+    assert r.returncode == 1 and len(lines) == 1, r.stderr[-3000:]
+    assert lines[0].startswith("error internal error: RuntimeError: boom: an unexpected bug"), lines
+    if verbose:
+        assert "Traceback (most recent call last)" in r.stderr and 'raise RuntimeError("boom' in r.stderr
+    else:
+        assert "Traceback" not in r.stderr and "--verbose" in lines[0]

@@ -9,7 +9,7 @@ import random
 import pytest
 
 from raybig.scheduler.meta import demand_of
-from raybig.scheduler.policy import EPS, Decision, Demand, Job, JobState, Node, decide
+from raybig.scheduler.policy import EPS, Decision, Demand, Job, JobState, Node, decide, never_fit_reason
 
 pytestmark = pytest.mark.unit
 
@@ -62,6 +62,39 @@ def test_backfill_only_into_capacity_the_head_cannot_use():
 def test_job_that_can_never_fit_does_not_block_the_queue():
     d = decide([job("huge", 9, 64), job("ok", 1, 1, t=1)], [node(4)])
     assert d.admit == ["ok"] and "can never fit" in d.reasons["huge"]
+
+
+def test_a_gang_that_can_never_fit_says_what_is_missing():
+    """The reason names the missing resource: per bundle (no node that large), or in all."""
+    gpu = Job("gpu", 0, 0.0, Demand.of(1, {"CPU": 1.0, "GPU": 1.0}, {"CPU": 0.5}))
+    wide = Job("wide", 0, 1.0, Demand.of(2, {"CPU": 3.0}))
+    big = Job("big", 0, 2.0, Demand.of(1, {"CPU": 8.0}))
+    d = decide([gpu, wide, big], [node(4), node(2)])
+    assert d.reasons["gpu"].startswith("can never fit the current nodes: a bundle needs 1 GPU; no node has any GPU")
+    assert "its 2 bundles do not pack onto the 2 node(s)" in d.reasons["wide"]  # 6 CPU in all, not as 2 x 3
+    assert "a bundle needs 8 CPU; the most one node has is 4 CPU" in d.reasons["big"]
+    d = decide([Job("many", 0, 0.0, Demand.of(4, {"CPU": 2.0}))], [node(4), node(2)])
+    assert "8 CPU in all; the 2 node(s) have 6 CPU" in d.reasons["many"]
+
+
+def test_a_sweep_is_admitted_only_when_its_concurrent_trial_gangs_fit():
+    """Issue 18.3: driver + max_concurrent_trials x (trial trainable + workers), all at once."""
+    from raybig.spec import load_spec_text
+
+    base = pathlib.Path(__file__).resolve().parent.parent / "jobs" / "debug.yaml"
+    sweep = load_spec_text(f"kind: sweep\nname: s\nbase: {base}\nmax_concurrent_trials: 2\nnum_samples: 4\n"
+                           "search:\n  train.lr: {loguniform: [1.0e-4, 1.0e-2]}\n", source="s.yaml")
+    d = demand_of(sweep)
+    assert sorted(d.as_dicts(), key=str) == sorted([{"CPU": 1.0}] * 4 + [{"CPU": 0.01}] * 2 + [{"CPU": 0.5}],
+                                                   key=str)
+    one_trial_free = [Node({"CPU": 4.0}, {"CPU": 2.6})]
+    dec = decide([Job("sweep", 0, 0.0, d)], one_trial_free)
+    assert dec.admit == [] and "waiting for" in dec.reasons["sweep"]
+    assert decide([Job("sweep", 0, 0.0, d)], [Node({"CPU": 5.0}, {"CPU": 5.0})]).admit == ["sweep"]
+    # A searched worker count counts at its largest value.
+    wide = load_spec_text(f"kind: sweep\nname: s\nbase: {base}\nmax_concurrent_trials: 1\nnum_samples: 2\n"
+                          "search:\n  resources.workers: {choice: [1, 3]}\n", source="s.yaml")
+    assert demand_of(wide).total() == {"CPU": 3 + 0.01 + 0.5}
 
 
 def test_quota_caps_a_users_concurrent_cpus():
@@ -172,7 +205,7 @@ def _reference_decide(jobs, nodes, quotas=None):
         if j.demand not in never:
             never[j.demand] = not _ref_pack(j.demand.as_dicts(), [dict(t) for t in totals])
         if never[j.demand]:
-            dec.reasons[j.job_id] = _ref_why(j, free, True, ahead)
+            dec.reasons[j.job_id] = _ref_why(j, free, True, ahead, totals)
             ahead += 1
             continue
         if head is None:
@@ -201,9 +234,9 @@ def _ref_fits_sum(d, caps):
     return True
 
 
-def _ref_why(j, free, never, ahead):
+def _ref_why(j, free, never, ahead, totals=None):
     if never:
-        r = f"can never fit the current nodes ({_ref_shortfall(j.demand, [dict()])[12:]}); waiting for bigger nodes"
+        r = never_fit_reason(j.demand.as_dicts(), totals)  # the text (what is missing) is the new one
     elif not j.ready:
         r = "starting its driver"
     else:

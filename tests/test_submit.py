@@ -202,6 +202,13 @@ def test_failing_job_is_retried_then_failed(cl):
     r = cli(cl, "status", job)
     assert "FAILED" in r.stdout and "probe failure on attempt 3" in r.stdout, r.stdout
 
+    def listed_cause():  # from the scheduler's board: with no log read allowed
+        a = cli(cl, "list", "--all", "--json", env={"RAYBIG_LOG_FALLBACK_MAX": "0"})
+        x = {x["job_id"]: x for x in json.loads(a.stdout)}.get(job)
+        return x if x and "probe failure on attempt 3" in x["error"] else None
+
+    wait_for(listed_cause, 30, every=1, what="the failed job's cause in list --all")
+
 
 def test_stop_queued_and_running_jobs_frees_resources(cl):
     blocker = submit(cl, probe(cl, "blocker", seconds=300))
@@ -327,3 +334,40 @@ def test_serve_submit_status_down_find_the_saved_cluster_with_no_flags(cl, tmp_p
     d = bare("serve", "down", "t-saved")
     assert d.returncode == 0 and "removed t-saved" in d.stdout, d.stderr[-2000:]
     wait_for(lambda: app() is None, 60, every=1, what="t-saved removed")
+
+
+def test_queue_board_quota_and_a_gang_that_can_never_fit(cl):
+    """`raybig queue/list` from the scheduler's board with no log read (issue 19); a gang bigger than
+    any node: a warning at submit and a reason naming what is missing (issue 20); quotas set and read
+    with `raybig queue quota` (issue 18)."""
+    no_logs = {"RAYBIG_LOG_FALLBACK_MAX": "0"}  # without the board nothing would say QUEUED or why
+    huge = cl.tmp / "huge.yaml"
+    huge.write_text(PROBE.format(name="huge", seconds=1, fail=0, retries=0).replace("cpus_per_worker: 1",
+                                                                                      "cpus_per_worker: 8"))
+    r = cli(cl, "submit", str(huge))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "can never fit this cluster's current nodes: a bundle needs 8 CPU; the most one node has is 3 CPU" \
+        in " ".join(r.stderr.split()), r.stderr
+    job = r.stdout.strip().splitlines()[-1]
+
+    def listed():
+        q = cli(cl, "queue", "--json", env=no_logs)
+        assert q.returncode == 0, q.stderr[-2000:]
+        v = {x["job_id"]: x for x in json.loads(q.stdout)}.get(job)
+        return v if v and v["state"] == "QUEUED" and "can never fit" in v["reason"] else None
+
+    v = wait_for(listed, 60, every=1, what="the never-fitting job's reason on the board")
+    assert "a bundle needs 8 CPU; the most one node has is 3 CPU" in v["reason"], v
+    assert cli(cl, "stop", job).returncode == 0
+
+    assert cli(cl, "queue", "quota", "tester", "CPU=1", "memory=1GiB").returncode == 0
+
+    def quotas():
+        q = cli(cl, "queue", "quota", "--json")
+        return q.returncode == 0 and json.loads(q.stdout)["quotas"].get("tester")
+
+    assert wait_for(quotas, 30, every=1, what="the quota on the board") == {"CPU": 1.0, "memory": 2.0**30}
+    bad = cli(cl, "queue", "quota", "tester", "CPU=-2")
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    assert cli(cl, "queue", "quota", "tester", "--clear").returncode == 0
+    wait_for(lambda: not quotas(), 30, every=1, what="the quota cleared")

@@ -14,6 +14,7 @@ import time
 from typing import Any
 
 import click
+from rich.markup import escape
 
 from raybig.cli import _load, console, main, out, set_option
 from raybig.errors import EXIT_FAILED, ClusterError, RaybigError, first_line
@@ -52,6 +53,8 @@ def _progress(m: dict[str, Any]) -> str:
 def submit(spec_path: str, overrides: tuple[str, ...], address: str | None, priority: int | None,
            follow: bool, python: str | None) -> None:
     """Validate SPEC locally, then queue it on a Ray cluster."""
+    from rich.markup import escape
+
     from raybig.scheduler import client
     from raybig.scheduler.meta import priority_of
 
@@ -61,8 +64,6 @@ def submit(spec_path: str, overrides: tuple[str, ...], address: str | None, prio
     if isinstance(spec, ServeSpec):
         _submit_serve(spec, address)
         return
-    from rich.markup import escape
-
     from raybig.spec.paths_resolve import resolve_paths
 
     # Relative local paths resolve here, against this working directory (as `raybig run` does), never
@@ -72,6 +73,17 @@ def submit(spec_path: str, overrides: tuple[str, ...], address: str | None, prio
         console.print(f"[yellow]note[/yellow] {escape(f'{r.field} {r.given!r} -> {r.absolute!r}')} (relative to "
                       "this directory; the cluster must see this path: shared storage, or use an object-store URI)",
                       soft_wrap=True)
+    from raybig.scheduler.storage_check import require_shared
+
+    totals = client.cluster_nodes(address)
+    # A local storage.path on a multi-node cluster must be one every node sees: checked for real.
+    require_shared(spec, address, len(totals) if totals is not None else None,
+                   warn=lambda line: console.print(f"[yellow]warning[/yellow] {escape(line)}", soft_wrap=True))
+    why = client.never_fits(spec, totals)
+    if why:  # queued anyway: an autoscaling cluster may add such nodes; `raybig queue` keeps saying why
+        console.print(f"[yellow]warning[/yellow] {escape(spec.name)!r} can never fit this cluster's current "
+                      f"nodes: {escape(why)}; it is queued and waits until such nodes join (`raybig stop` "
+                      "it otherwise)", soft_wrap=True)
     job_id, url = client.submit(spec, os.path.dirname(os.path.abspath(spec_path)), address, python=python)
     console.print(f"[green]submitted[/green] {job_id} to {url} (priority {priority_of(spec)})")
     out.print(job_id)
@@ -148,22 +160,41 @@ def stop(job_id: str, address: str | None) -> None:
     out.print(f"{job_id}: {st.value if st else 'stopping'}")
 
 
+RICH_ROWS = 200  # above this many rows a table is written as plain aligned text (rich takes seconds)
+
+
 def _table(views: list[Any], as_json: bool) -> None:
-    if as_json:
-        out.print_json(json.dumps([v.to_json() for v in views]))
+    if as_json:  # plain json.dumps: rich's pretty printer takes about a minute for 10,000 jobs
+        docs = [v.to_json() for v in views]
+        text = json.dumps(docs, indent=2) if len(docs) <= RICH_ROWS else \
+            "[\n" + ",\n".join(json.dumps(d) for d in docs) + "\n]"  # one job a line
+        out.file.write(text + "\n")
+        out.file.flush()
         return
     if not views:
         out.print("no jobs")
         return
+    cols = ("JOB", "NAME", "STATE", "PRI", "POS", "AGE", "DETAIL")
+    rows = []
+    for v in views:
+        detail = v.reason if v.state in (JobState.QUEUED, JobState.PENDING) else v.error or _progress(v.metrics)
+        rows.append((v.job_id, v.name, v.state.value, str(v.priority), str(v.position or ""), _ago(v.submitted_at),
+                     detail))
+    if len(rows) > RICH_ROWS:
+        # Every column but the last as wide as its widest cell (ids never cut); DETAIL runs on.
+        widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(cols[:-1])]
+        lines = [" ".join(x.ljust(w) for x, w in zip(r[:-1], widths, strict=True)) + " " + r[-1]
+                 for r in (cols, *rows)]
+        out.file.write("\n".join(ln.rstrip() for ln in lines) + "\n")
+        out.file.flush()
+        return
     from rich.table import Table
 
     t = Table(box=None, pad_edge=False)
-    for c in ("JOB", "NAME", "STATE", "PRI", "POS", "AGE", "DETAIL"):
+    for c in cols:
         t.add_column(c)
-    for v in views:
-        detail = v.reason if v.state in (JobState.QUEUED, JobState.PENDING) else v.error or _progress(v.metrics)
-        t.add_row(v.job_id, v.name, v.state.value, str(v.priority), str(v.position or ""), _ago(v.submitted_at),
-                  detail)
+    for r in rows:
+        t.add_row(*r)
     out.print(t)
 
 
@@ -178,15 +209,66 @@ def list_cmd(address: str | None, include_all: bool, as_json: bool) -> None:
     _table(client.list_views(address, include_all=include_all), as_json)
 
 
-@main.command()
+@main.group(invoke_without_command=True)
 @address_option
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def queue(address: str | None, as_json: bool) -> None:
-    """The whole queue in order: running jobs, then waiting ones by priority and age."""
+@click.pass_context
+def queue(ctx: click.Context, address: str | None, as_json: bool) -> None:
+    """The whole queue in order: running jobs, then waiting ones by priority and age.
+
+    `raybig queue quota` reads and sets per-user quotas.
+    """
+    if ctx.invoked_subcommand is not None:
+        ctx.obj = {"address": address, "as_json": as_json}
+        return
     from raybig.scheduler import client
 
     views = [v for v in client.list_views(address) if v.raybig]
     _table(views, as_json)
+
+
+@queue.command("quota")
+@click.argument("user", required=False)
+@click.argument("caps", nargs=-1, metavar="[RESOURCE=AMOUNT]...")
+@click.option("--clear", is_flag=True, help="Remove USER's quota.")
+@address_option
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_context
+def queue_quota(ctx: click.Context, user: str | None, caps: tuple[str, ...], clear: bool, address: str | None,
+                as_json: bool) -> None:
+    """Per-user quotas: list them (no USER), or set USER's (`alice CPU=16 GPU=4 memory=64GiB`, --clear).
+
+    A quota caps the sum of a user's admitted jobs' demand; it overrides RAYBIG_QUOTAS from the head's
+    environment for that user and lasts as long as the cluster.
+    """
+    from raybig.errors import UsageError
+    from raybig.scheduler.quota import parse_caps, read_quotas, set_quota
+
+    parent = ctx.obj or {}
+    address = address or parent.get("address")
+    as_json = as_json or bool(parent.get("as_json"))
+    if user is not None:
+        if clear and caps:
+            raise UsageError("give RESOURCE=AMOUNT values or --clear, not both")
+        new = None if clear else parse_caps(caps)  # a malformed value stops here (exit 2)
+        set_quota(user, new, address)
+        console.print(f"[green]quota[/green] {escape(user)}: " + (escape(json.dumps(new)) if new else "cleared")
+                      + " (the scheduler applies it at its next tick)", soft_wrap=True)
+        return
+    if clear:
+        raise UsageError("--clear needs a USER")
+    got = read_quotas(address)
+    if got is None:
+        raise ClusterError("the scheduler's queue board cannot be read (no raybig job has run on this cluster "
+                           "yet, or an older raybig runs there)")
+    if as_json:
+        out.file.write(json.dumps(got, indent=2) + "\n")
+        return
+    if not got["quotas"]:
+        out.print("no quotas (RAYBIG_QUOTAS is unset on the head and none were set with `raybig queue quota`)")
+    for u, q in sorted(got["quotas"].items()):
+        used = got["usage"].get(u, {})
+        out.print(f"{u}: " + ", ".join(f"{k} {used.get(k, 0):g} of {v:g}" for k, v in sorted(q.items())))
 
 
 @main.group()

@@ -10,7 +10,7 @@ import pathlib
 import re
 import time
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import pathspec
@@ -19,7 +19,7 @@ from ray.job_submission import JobStatus
 from raybig.cluster.connect import translate
 from raybig.cluster.jobs import call, connect
 from raybig.errors import ClusterError
-from raybig.scheduler.meta import is_raybig, last_state, metadata_for
+from raybig.scheduler.meta import BOARD_FILE, is_raybig, last_state, metadata_for
 from raybig.scheduler.policy import JobState
 
 # Never ship these in a working_dir: VCS, envs, run outputs, weights and data (gitwildmatch, as Ray
@@ -178,7 +178,10 @@ class JobView:
 
     def to_json(self) -> dict[str, Any]:
         """Plain JSON values (`state` as its name)."""
-        return {**asdict(self), "state": self.state.value}
+        # Field by field: dataclasses.asdict deep-copies every value (seconds at 10,000 jobs).
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        d["state"] = self.state.value
+        return d
 
 
 # What a holder may say about a job Ray still runs; any other (or none yet) reads as RUNNING.
@@ -200,19 +203,21 @@ def _status(d: Any) -> JobStatus:
 
 _EXC_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt)(\([\w.]+\))?: ")
 LOG_FETCHES = int(os.environ.get("RAYBIG_LOG_FETCHES", "16"))  # concurrent get_job_logs calls at most
+LOG_FALLBACK_MAX = int(os.environ.get("RAYBIG_LOG_FALLBACK_MAX", "64"))  # log reads without a board, at most
 
 
-def _view(client: Any, url: str, d: Any, with_logs: bool, logs: str | None = None) -> JobView:
+def _view(client: Any, url: str, d: Any, with_logs: bool, logs: str | None = None,
+          holder: dict[str, Any] | None = None) -> JobView:
     md = d.metadata or {}
     status = _status(d)
-    holder = None
-    if logs is None and with_logs:
-        logs = call(url, client.get_job_logs, d.submission_id)
-    if logs is not None:
-        holder = last_state(logs)
-    elif status is JobStatus.FAILED and is_raybig(md) and d.message:
-        # Ray's message for a failed job ends with the last lines of its log (the holder's FAILED line).
-        holder = last_state(d.message)
+    if holder is None:  # not from the scheduler's board: the holder's log, or Ray's message
+        if logs is None and with_logs:
+            logs = call(url, client.get_job_logs, d.submission_id)
+        if logs is not None:
+            holder = last_state(logs)
+        elif status is JobStatus.FAILED and is_raybig(md) and d.message:
+            # Ray's message for a failed job ends with the last lines of its log (the holder's FAILED line).
+            holder = last_state(d.message)
     v = JobView(job_id=d.submission_id or d.job_id, name=md.get("raybig_name", d.entrypoint[:40]),
                 state=_state_of(status, holder), priority=int(md.get("raybig_priority", "0")),
                 submitted_at=float(md.get("raybig_submitted_at", (d.start_time or 0) / 1000)),
@@ -234,6 +239,136 @@ def _view(client: Any, url: str, d: Any, with_logs: bool, logs: str | None = Non
     return v
 
 
+def fetch_board(client: Any, url: str, timeout: float = 30) -> dict[str, Any] | None:
+    """The scheduler's queue board (`raybig.scheduler.service.board`), or None where it cannot be read.
+
+    Two requests to the dashboard whatever the queue's size: the head node's id (State API), then
+    the board file from that node's Ray log folder (log API). None for a cluster without a scheduler
+    yet, a dashboard without those APIs, or a client that is not Ray's (tests).
+    """
+    import requests
+
+    from raybig.cluster.connect import auth_headers
+
+    base = getattr(client, "_address", None)
+    if not isinstance(base, str):
+        return None
+    headers = {**auth_headers(), **(getattr(client, "_headers", None) or {})}
+    nodes = _get_json(client, "/api/v0/nodes", {"filter_keys": "is_head_node", "filter_predicates": "=",
+                                                "filter_values": "True", "detail": "false", "limit": 10}, timeout)
+    try:
+        rows = nodes["data"]["result"]["result"]
+        head = next((n.get("node_id") for n in rows if n.get("node_id")), None)
+    except (TypeError, KeyError, AttributeError):
+        return None
+    if not head:
+        return None
+    try:
+        q: dict[str, str | int] = {"node_id": str(head), "filename": BOARD_FILE, "lines": -1}
+        r = requests.get(f"{base}/api/v0/logs/file", params=q, headers=headers, timeout=timeout)
+        if r.status_code != 200:
+            return None
+        text = r.content.decode("utf-8", errors="replace")
+        start = text.find("{")  # the log API may prefix a status byte
+        board = json.loads(text[start:]) if start >= 0 else None
+    except (requests.RequestException, ValueError, AttributeError, TypeError):
+        return None
+    return board if isinstance(board, dict) and isinstance(board.get("jobs"), dict) else None
+
+
+def _get_json(client: Any, path: str, params: dict[str, str | int], timeout: float = 30) -> Any:
+    """GET a dashboard JSON endpoint with the client's address and token; None on any failure."""
+    import requests
+
+    from raybig.cluster.connect import auth_headers
+
+    base = getattr(client, "_address", None)
+    if not isinstance(base, str):
+        return None
+    headers = {**auth_headers(), **(getattr(client, "_headers", None) or {})}
+    try:
+        r = requests.get(f"{base}{path}", params=params, headers=headers, timeout=timeout)
+        return r.json() if r.status_code == 200 else None
+    except (requests.RequestException, ValueError):
+        return None
+
+
+def node_totals(client: Any) -> list[dict[str, float]] | None:
+    """Each alive node's total resources (State API through the dashboard), or None if unreadable."""
+    data = _get_json(client, "/api/v0/nodes", {"detail": "true", "limit": 10_000})
+    try:
+        rows = data["data"]["result"]["result"]
+        return [{str(k): float(v) for k, v in (n.get("resources_total") or {}).items()}
+                for n in rows if n.get("state") == "ALIVE"]
+    except (TypeError, KeyError, AttributeError, ValueError):
+        return None
+
+
+def cluster_nodes(address: str | None = None) -> list[dict[str, float]] | None:
+    """Each alive node's total resources on the cluster at `address`, or None if unreadable."""
+    client, _ = connect(address)
+    return node_totals(client)
+
+
+def never_fits(spec: Any, totals: list[dict[str, float]] | None) -> str | None:
+    """Why `spec`'s gang can never fit nodes of these `totals`, or None (it fits, or they are unknown).
+
+    Totals, not what is free: a busy cluster is a reason to wait in the queue, not to warn.
+    """
+    from raybig.scheduler.meta import demand_of
+    from raybig.scheduler.policy import missing_text, pack
+
+    if not totals:
+        return None
+    bundles = demand_of(spec).as_dicts()
+    if pack(bundles, [dict(t) for t in totals]):
+        return None
+    return missing_text(bundles, totals)
+
+
+def _from_board(entry: dict[str, Any]) -> dict[str, Any]:
+    """A board entry in the shape of a holder's last state line (`meta.last_state`)."""
+    h = dict(entry)
+    try:
+        h["state"] = JobState(h.get("state"))
+    except ValueError:
+        h["state"] = JobState.RUNNING
+    return h
+
+
+def views_of(jobs: list[Any], board: dict[str, Any] | None, include_all: bool = False,
+             logs: dict[str, str] | None = None) -> list[JobView]:
+    """Views of a job-table listing, each job's state and cause from the scheduler's board; O(jobs).
+
+    Args:
+        jobs: the Jobs API's `list_jobs()` rows.
+        board: the scheduler's board (`fetch_board`), or None.
+        include_all: keep ended and non-raybig jobs.
+        logs: holder log texts for jobs the board does not cover (the fallback without a board).
+    """
+    entries = (board or {}).get("jobs", {})
+    logs = logs or {}
+    views = []
+    for d in jobs:
+        if not d.submission_id or (not include_all and not is_raybig(d.metadata)):
+            continue
+        status = _status(d)
+        if not include_all and status.is_terminal():
+            continue
+        e = entries.get(d.submission_id)
+        holder = None
+        if e is not None and is_raybig(d.metadata):
+            if status is JobStatus.RUNNING:
+                holder = _from_board(e)
+            elif status.is_terminal() and e.get("error"):
+                holder = {"state": JobState(status.value), "error": e["error"]}
+        if holder is not None:
+            views.append(_view(None, "", d, with_logs=False, holder=holder))
+        else:
+            views.append(_view(None, "", d, with_logs=False, logs=logs.get(d.submission_id)))
+    return _with_positions(views)
+
+
 def _logs_of(client: Any, url: str, job_ids: list[str]) -> dict[str, str]:
     """Each job's log text, fetched concurrently (at most LOG_FETCHES calls in flight)."""
     if not job_ids:
@@ -248,24 +383,24 @@ def _logs_of(client: Any, url: str, job_ids: list[str]) -> dict[str, str]:
 def list_views(address: str | None = None, include_all: bool = False) -> list[JobView]:
     """Active raybig jobs in queue order (`include_all`: every job in Ray's table, ended ones too).
 
+    One job-table listing plus the scheduler's board (`fetch_board`): each running holder's state,
+    reason, position, progress and each ended job's cause come from what the scheduler recorded, with
+    no log read per job. Only without a board (no scheduler yet, an older one) are the logs of at most
+    `LOG_FALLBACK_MAX` running holders read instead; past that they show as RUNNING, reason unknown.
+
     Raises:
         ClusterError: the cluster cannot be reached or refused the token.
     """
     client, url = connect(address)
     jobs = call(url, client.list_jobs)
-    shown = []
-    for d in jobs:
-        if not d.submission_id or (not include_all and not is_raybig(d.metadata)):
-            continue
-        if not include_all and _status(d).is_terminal():
-            continue
-        shown.append(d)
-    # Only a raybig job Ray runs needs its log read (its holder says queued, running or retrying);
-    # pending and ended jobs are known from the job table (a failed one's cause from Ray's message).
-    need = [d.submission_id for d in shown if is_raybig(d.metadata) and _status(d) is JobStatus.RUNNING]
-    logs = _logs_of(client, url, need)
-    views = [_view(client, url, d, with_logs=False, logs=logs.get(d.submission_id)) for d in shown]
-    return _with_positions(views)
+    board = fetch_board(client, url)
+    logs: dict[str, str] = {}
+    if board is None:
+        need = [d.submission_id for d in jobs if d.submission_id and is_raybig(d.metadata)
+                and _status(d) is JobStatus.RUNNING]
+        if len(need) <= LOG_FALLBACK_MAX:
+            logs = _logs_of(client, url, need)
+    return views_of(jobs, board, include_all, logs)
 
 
 _WAITING = (JobState.PENDING, JobState.QUEUED)

@@ -20,6 +20,7 @@ NAMESPACE = "raybig"
 ACTOR_NAME = "raybig-scheduler"
 STATE_PREFIX = "[raybig] state "      # holder log lines the CLI reads for status
 METRICS_PREFIX = "[raybig] metrics "
+BOARD_FILE = "raybig-queue.json"  # the scheduler's queue board, in its node's Ray log folder
 
 
 class Phase(str, Enum):
@@ -35,13 +36,46 @@ def driver_cpus() -> float:
     return float(os.environ.get("RAYBIG_DRIVER_CPUS", "0.5"))
 
 
+TRIAL_DRIVER = {"CPU": 0.01}  # a sweep trial's Tune function trainable (raybig.tune.runner)
+
+
 def demand_of(spec: Any) -> Demand:
-    """The gang a spec needs: workers x per-worker resources, plus the driver."""
-    r = getattr(spec, "resources", None)
+    """The gang a spec needs: workers x per-worker resources, plus the driver.
+
+    A sweep needs its driver plus `max_concurrent_trials` trial gangs at once (each: the trial's
+    0.01-CPU trainable and its workers), so it is admitted only when they all fit and its trials
+    never wait inside Ray. Where the search changes `resources.*`, each trial counts at the largest
+    value searched.
+    """
+    from raybig.spec.sweep import SweepSpec
+
     driver = {"CPU": driver_cpus()}
+    if isinstance(spec, SweepSpec):
+        workers, bundle = _largest_trial(spec)
+        per_trial = [bundle] * workers + [dict(TRIAL_DRIVER)]
+        gang = per_trial * spec.max_concurrent_trials + [driver]
+        return Demand.from_json([b for b in gang if any(v > 0 for v in b.values())])
+    r = getattr(spec, "resources", None)
     if r is None or not hasattr(r, "workers"):
         return Demand.of(0, {}, driver)
     return Demand.of(int(r.workers), r.bundle(), driver)
+
+
+def _largest_trial(spec: Any) -> tuple[int, dict[str, float]]:
+    """(workers, one worker's bundle) of a sweep's largest trial: the base, at each searched maximum."""
+    r = spec.base.resources
+    top: dict[str, Any] = {}
+    for field in ("workers", "cpus_per_worker", "gpus_per_worker", "memory_per_worker"):
+        dist = spec.search.get(f"resources.{field}")
+        values = [v for v in (dist.probe_values() if dist is not None else []) if isinstance(v, int | float)]
+        if values:
+            top[field] = max(values)
+    if top:
+        try:
+            r = r.model_copy(update=top)
+        except Exception:  # noqa: BLE001 - the base's own resources then
+            pass
+    return int(r.workers), r.bundle()
 
 
 def metadata_for(spec: Any, spec_hash: str, user: str, submitted_at: float) -> dict[str, str]:

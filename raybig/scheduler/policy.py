@@ -301,6 +301,37 @@ def _shortfall_text(shape: _Shape, free: Res) -> str:
     return "waiting for a node with " + " + ".join(f"{_num(v)} {k}" for k, v in sorted(b.items()) if v) + " free"
 
 
+def missing_text(bundles: list[Res], totals: list[Res]) -> str:
+    """What keeps a gang from ever fitting nodes of these `totals` (None of it is about what is busy).
+
+    In order: a bundle larger than every node in some resource ("a bundle needs 1 GPU; no node has
+    any GPU"), then a resource the whole cluster has too little of ("6 CPU in all; the nodes have 4
+    CPU"), else the bundles cannot be packed onto the nodes together.
+    """
+    for b in sorted(bundles, key=lambda b: -sum(b.values())):
+        for k, v in sorted(b.items()):
+            if v <= 0:
+                continue
+            most = max((t.get(k, 0.0) for t in totals), default=0.0)
+            if most + EPS < v:
+                has = f"no node has any {k}" if most <= 0 else f"the most one node has is {_num(most)} {k}"
+                return f"a bundle needs {_num(v)} {k}; {has}"
+    need: Res = {}
+    for b in bundles:
+        for k, v in b.items():
+            need[k] = need.get(k, 0.0) + v
+    for k in sorted(need):
+        have = sum(t.get(k, 0.0) for t in totals)
+        if need[k] > have + EPS:
+            return f"{_num(need[k])} {k} in all; the {len(totals)} node(s) have {_num(have)} {k}"
+    return f"its {len(bundles)} bundles do not pack onto the {len(totals)} node(s) at once"
+
+
+def never_fit_reason(bundles: list[Res], totals: list[Res]) -> str:
+    """The queue's reason for a gang that can never fit the current nodes (it names what is missing)."""
+    return f"can never fit the current nodes: {missing_text(bundles, totals)}; waiting for bigger nodes"
+
+
 def _over_quota(user: str, need: Res, used: dict[str, Res], quotas: dict[str, Res]) -> str | None:
     cap = quotas.get(user)
     if not cap:
@@ -390,8 +421,7 @@ def decide(jobs: list[Job], nodes: list[Node], quotas: dict[str, Res] | None = N
         if s.never is None:
             s.never = not totals.trial(s)
             if s.never:
-                s.never_text = f"can never fit the current nodes ({_shortfall_text(s, {})[12:]}); " \
-                               "waiting for bigger nodes"
+                s.never_text = never_fit_reason(s.demand.as_dicts(), [dict(n.total) for n in nodes])
         return _tail(s.never_text, ahead) if s.never else None
 
     # The order of `order_key`, by stable sorts on one field each (no key tuples to allocate):

@@ -12,6 +12,12 @@ Why this shape (and where the durable state lives):
   No second store is needed.
 - Holders heartbeat every `HEARTBEAT_S`; a holder whose Ray job ended (stopped, crashed) is dropped on
   the next tick, which frees its reservation.
+- The queue board: what `raybig list/queue` show for every job (state, position, reason, attempt,
+  progress, and the one-line cause of a job that ended) is what this actor already knows: holders
+  send their attempt, latest metrics and error with their heartbeats and their outcome with
+  `release`. After each tick the actor writes it, when it changed, as one JSON file in its node's
+  Ray log folder (`BOARD_FILE`), which the CLI reads through the dashboard's log API in one request:
+  listing 10,000 jobs costs one job-table listing and one file, never a log read per job.
 """
 
 from __future__ import annotations
@@ -27,18 +33,43 @@ import ray
 from ray.job_submission import JobStatus
 
 from raybig.metrics import scheduler_observe
-from raybig.scheduler.meta import ACTOR_NAME, NAMESPACE, Phase, is_raybig, job_from_metadata
-from raybig.scheduler.policy import Decision, Demand, Job, Node, decide
+from raybig.scheduler.meta import ACTOR_NAME, BOARD_FILE, NAMESPACE, Phase, is_raybig, job_from_metadata
+from raybig.scheduler.policy import Decision, Demand, Job, JobState, Node, decide
 
 TICK_S = float(os.environ.get("RAYBIG_SCHED_TICK_S", "0.5"))
 RECOVER_S = float(os.environ.get("RAYBIG_SCHED_RECOVER_S", "20"))
 STALE_S = 15.0
+BOARD_MIN_S = float(os.environ.get("RAYBIG_BOARD_MIN_S", "1.0"))  # at most one board write per interval
+ENDED_KEEP = 10_000  # ended jobs whose outcome the board keeps (oldest forgotten first)
 ALIVE_LIMIT = int(os.environ.get("RAY_MAX_LIMIT_FROM_API_SERVER", "10000"))  # the State API's row cap
+
+
+QUOTA_KEY = "raybig-quotas"  # GCS internal KV (namespace NAMESPACE): quotas set by `raybig queue quota`
 
 
 def _quotas() -> dict[str, dict[str, float]]:
     raw = os.environ.get("RAYBIG_QUOTAS", "")
     return json.loads(raw) if raw else {}
+
+
+def stored_quotas() -> dict[str, dict[str, float] | None]:
+    """Quotas set with `raybig queue quota` (user -> caps; None: the user's quota was cleared)."""
+    from ray.experimental.internal_kv import _internal_kv_get
+
+    raw = _internal_kv_get(QUOTA_KEY, namespace=NAMESPACE)
+    data = json.loads(raw) if raw else {}
+    return data if isinstance(data, dict) else {}
+
+
+def cluster_quotas() -> dict[str, dict[str, float]]:
+    """The quotas in force: RAYBIG_QUOTAS of the head's environment, overridden per user by the stored ones."""
+    q = dict(_quotas())
+    for user, caps in stored_quotas().items():
+        if caps is None:
+            q.pop(user, None)
+        else:
+            q[user] = caps
+    return q
 
 
 JobTable = dict[str, tuple[JobStatus, dict[str, str]]]
@@ -71,7 +102,9 @@ class SchedulerCore:
         self._known: dict[str, tuple[dict[str, str], float]] = {}  # alive jobs -> (metadata, last seen)
         self._parsed: dict[str, tuple[int, Job]] = {}  # job id -> (metadata hash, Job from it)
         self._audited: dict[str, tuple[int, bool, bool]] = {}  # job id -> what the last audit line saw
+        self._ended: dict[str, dict[str, Any]] = {}  # job id -> {state, error} from `release` (insertion order)
         self._decision = Decision()
+        self._quotas_now: dict[str, dict[str, float]] = {}
         self._started = time.time()
         self._recovering = True
         self._ticks = 0
@@ -79,12 +112,23 @@ class SchedulerCore:
         self.parses = 0  # metadata parses so far (tests check they follow changes, not the table size)
 
     # --- called by holders ------------------------------------------------------------------
-    def heartbeat(self, job_id: str, phase: Phase, job: dict[str, Any]) -> dict[str, Any]:
-        """A holder's heartbeat; `phase` (a `Phase`) says whether it waits, runs or backs off."""
+    def heartbeat(self, job_id: str, phase: Phase, job: dict[str, Any],
+                  info: dict[str, Any] | None = None) -> dict[str, Any]:
+        """A holder's heartbeat; `phase` (a `Phase`) says whether it waits, runs or backs off.
+
+        Args:
+            job_id: the Ray submission id.
+            phase: the holder's `Phase`.
+            job: its queue record (priority, submitted_at, demand, user).
+            info: what the board shows for it besides the scheduler's own view: `attempt`, `of`,
+                `error` (a failed attempt's one-line cause) and `metrics` (latest progress).
+        """
         phase = Phase(phase)
         with self._lock:
             r = self._regs.setdefault(job_id, {"admitted": False})
             r.update(phase=phase, seen=time.time(), job=job)
+            if info is not None:
+                r["info"] = info
             if phase is Phase.RUNNING:
                 r["admitted"] = True  # a holder that says it runs was admitted (maybe before a restart)
             elif phase is Phase.BACKOFF:
@@ -92,11 +136,61 @@ class SchedulerCore:
             return {"admitted": bool(r["admitted"]), "reason": self._decision.reasons.get(job_id, "in queue"),
                     "position": self._decision.positions.get(job_id), "recovering": self._recovering}
 
-    def release(self, job_id: str) -> None:
-        """Forget a job that ended; its reservation is free at the next tick."""
+    def release(self, job_id: str, outcome: dict[str, Any] | None = None) -> None:
+        """Forget a job that ended; its reservation is free at the next tick.
+
+        Args:
+            job_id: the Ray submission id.
+            outcome: `{"state": JobState value, "error": one-line cause, ...}`, kept for the board (the
+                cause `raybig list --all` shows) for the last `ENDED_KEEP` ended jobs.
+        """
         with self._lock:
             self._regs.pop(job_id, None)
             self._done.add(job_id)
+            if outcome is not None:
+                self._ended.pop(job_id, None)
+                self._ended[job_id] = {k: v for k, v in outcome.items() if k in ("state", "error", "attempts")}
+                while len(self._ended) > ENDED_KEEP:
+                    self._ended.pop(next(iter(self._ended)))
+
+    def board(self) -> dict[str, Any]:
+        """What `raybig list/queue` show per job, from this actor's state alone; O(jobs).
+
+        Returns:
+            `{"t": time, "recovering": bool, "jobs": {job id: {"state", "position", "reason", "attempt",
+            "of", "error", "metrics"}}}`, `state` a `JobState` value: QUEUED (waiting, with the
+            policy's reason and position), RUNNING (admitted), RETRYING (a failed attempt backing
+            off), or the outcome its holder reported when it ended. Keys without a value are left out.
+        """
+        with self._lock:
+            reasons, positions = self._decision.reasons, self._decision.positions
+            jobs: dict[str, dict[str, Any]] = {jid: dict(o) for jid, o in self._ended.items()}
+            for jid, r in self._regs.items():
+                info = r.get("info") or {}
+                phase = r.get("phase")
+                e: dict[str, Any] = {}
+                if phase is Phase.BACKOFF:
+                    e["state"] = JobState.RETRYING.value
+                elif r.get("admitted") or phase is Phase.RUNNING:
+                    e["state"] = JobState.RUNNING.value
+                else:
+                    e["state"] = JobState.QUEUED.value
+                    e["reason"] = reasons.get(jid, "in queue")
+                    if jid in positions:
+                        e["position"] = positions[jid]
+                for k in ("attempt", "of", "error", "metrics"):
+                    if info.get(k):
+                        e[k] = info[k]
+                jobs[jid] = e
+            usage: dict[str, dict[str, float]] = {}
+            for r in self._regs.values():
+                j = r.get("job") or {}
+                if r.get("admitted") and r.get("phase") is not Phase.BACKOFF and j.get("demand") is not None:
+                    u = usage.setdefault(str(j.get("user", "")), {})
+                    for k, v in Demand.from_json(j["demand"]).total().items():
+                        u[k] = u.get(k, 0.0) + v
+            return {"t": round(time.time(), 3), "recovering": self._recovering, "quotas": self._quotas_now,
+                    "usage": usage, "jobs": jobs}
 
     def snapshot(self) -> dict[str, Any]:
         """The actor's state for tests and debugging (registrations, reasons, positions, pid)."""
@@ -177,7 +271,8 @@ class SchedulerCore:
             for jid, r in self._regs.items():  # registered but not yet visible in the table
                 if jid not in alive and jid not in table and r.get("job"):
                     jobs.append(_job_from_reg(jid, r))
-            dec = decide(jobs, self._nodes(), self._quotas_fn())
+            self._quotas_now = self._quotas_fn()
+            dec = decide(jobs, self._nodes(), self._quotas_now)
             newly = [jid for jid in dec.admit if jid in self._regs and not self._regs[jid].get("admitted")]
             for jid in dec.admit:
                 if jid in self._regs:
@@ -204,16 +299,44 @@ class RaybigScheduler(SchedulerCore):
     """The cluster's one scheduler actor: admits queued jobs by policy (see the module docstring)."""
 
     def __init__(self) -> None:
-        super().__init__(_job_table, _job_statuses, _nodes)
+        super().__init__(_job_table, _job_statuses, _nodes, quotas=cluster_quotas)
         threading.Thread(target=self._loop, daemon=True).start()
 
     def _loop(self) -> None:
+        last_board, written = b"", 0.0
         while True:
             try:
                 self.tick()
+                if time.time() - written >= BOARD_MIN_S:
+                    last_board = write_board(self.board(), last_board)
+                    written = time.time()
             except Exception as e:  # noqa: BLE001 - a bad tick must not kill the scheduler
                 self._last_error = f"{type(e).__name__}: {e}"
             time.sleep(TICK_S)
+
+
+def board_path() -> str:
+    """Where this process's node keeps the board: `BOARD_FILE` in the node's Ray log folder."""
+    node: Any = getattr(ray._private.worker, "_global_node", None)
+    if node is None:
+        node = getattr(ray._private.worker.global_worker, "node", None)
+    if node is None:
+        raise RuntimeError("no Ray node in this process: nowhere to write the queue board")
+    return os.path.join(node.get_logs_dir_path(), BOARD_FILE)
+
+
+def write_board(board: dict[str, Any], previous: bytes = b"", path: str | None = None) -> bytes:
+    """Write the board (atomically, only when more than its time changed); returns what was compared."""
+    rest = {k: v for k, v in board.items() if k != "t"}
+    body = json.dumps(rest, separators=(",", ":"), sort_keys=True, default=str).encode()
+    if body == previous:
+        return previous
+    path = path or board_path()
+    tmp = f"{path}.tmp"
+    with open(tmp, "wb") as f:
+        f.write(b'{"t":' + json.dumps(board.get("t")).encode() + b"," + body[1:] + b"\n")
+    os.replace(tmp, path)
+    return body
 
 
 def _job_from_reg(jid: str, r: dict[str, Any]) -> Job:

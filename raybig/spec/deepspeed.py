@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import copy
+import math
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from raybig.spec.models import TrainSpec
+    from raybig.spec.models import TrainLoopSpec, TrainSpec
 
 
 def resolve_precision(spec: TrainSpec, on_cuda: bool | None = None,
@@ -31,6 +32,45 @@ def resolve_precision(spec: TrainSpec, on_cuda: bool | None = None,
     return "bf16" if capability is None or tuple(capability) >= (8, 0) else "fp16"
 
 
+def schedule_ratio(t: TrainLoopSpec, i: int) -> float:
+    """The learning rate, as a fraction of `t.lr`, that DeepSpeed sets after `i` scheduler steps.
+
+    `i` is the scheduler's `last_batch_iteration` (after optimizer step k it is k - 1, and the rate it
+    sets is used by step k + 1). Without `t.schedule_from`: WarmupCosineLR's linear warmup over
+    max(2, warmup) steps, then a cosine down to `min_lr_ratio` at `steps`, clamped there. With it
+    (a resumed run whose `steps` changed): `ratio` up to its `step`, then a cosine from `ratio` down
+    to `min_lr_ratio` at `steps` (`build_ds_config` expresses that with WarmupCosineLR's own knobs).
+    """
+    m = t.min_lr_ratio
+    f = t.schedule_from
+    if f is not None:
+        if i <= f.step:
+            return f.ratio
+        progress = min(1.0, (i - f.step) / max(1, t.steps - f.step))
+        return m + (f.ratio - m) * (1 + math.cos(math.pi * progress)) / 2
+    w = max(2, t.warmup)
+    if i < w:
+        return max(0, i) / w
+    progress = min(1.0, (i - w + 1) / max(1, t.steps - w))
+    return m + (1 - m) * (1 + math.cos(math.pi * progress)) / 2
+
+
+def _scheduler(t: TrainLoopSpec) -> tuple[float, dict[str, Any]]:
+    """(the optimizer's base lr, WarmupCosineLR's params) for `schedule_ratio`'s schedule."""
+    f = t.schedule_from
+    if f is None:
+        return t.lr, {"total_num_steps": t.steps,
+                      "warmup_num_steps": max(1, t.warmup),  # DeepSpeed refuses 0 (short runs default to it)
+                      "warmup_type": "linear", "warmup_min_ratio": 0.0, "cos_min_ratio": t.min_lr_ratio}
+    # Continued: base lr x ratio; "warmup" of ratio 1 through step f.step (its min ratio is 1), then
+    # WarmupCosineLR's cosine phase (i - w + 1) / (total - w) = (i - f.step) / (steps - f.step), from
+    # 1 down to cos_min_ratio = min_lr_ratio / ratio (above 1 when the floor is higher: then it rises).
+    r = max(f.ratio, 1e-12)
+    return t.lr * f.ratio, {"total_num_steps": max(t.steps, f.step + 1) + 1, "warmup_num_steps": f.step + 1,
+                            "warmup_type": "linear", "warmup_min_ratio": 1.0,
+                            "cos_min_ratio": t.min_lr_ratio / r if f.ratio > 0 else 0.0}
+
+
 def _generated(spec: TrainSpec, on_cuda: bool | None, capability: tuple[int, int] | None = None) -> dict[str, Any]:
     t, ds = spec.train, spec.deepspeed
     precision = resolve_precision(spec, on_cuda, capability)
@@ -47,7 +87,8 @@ def _generated(spec: TrainSpec, on_cuda: bool | None, capability: tuple[int, int
     if ds.zero_stage == 3:
         # Needed to export consolidated weights at the end of training.
         zero["stage3_gather_16bit_weights_on_model_save"] = True
-    opt_params: dict[str, Any] = {"lr": t.lr, "betas": list(t.betas), "eps": 1e-8,
+    base_lr, sched = _scheduler(t)
+    opt_params: dict[str, Any] = {"lr": base_lr, "betas": list(t.betas), "eps": 1e-8,
                                   "weight_decay": t.weight_decay}
     if not offload_opt:
         opt_params["torch_adam"] = True  # no JIT-built fused_adam; offload needs cpu_adam instead
@@ -58,13 +99,7 @@ def _generated(spec: TrainSpec, on_cuda: bool | None, capability: tuple[int, int
         "gradient_accumulation_steps": t.grad_accum,
         "gradient_clipping": t.grad_clip,
         "optimizer": {"type": "AdamW", "params": opt_params},
-        "scheduler": {"type": "WarmupCosineLR", "params": {
-            "total_num_steps": t.steps,
-            "warmup_num_steps": max(1, t.warmup),  # DeepSpeed refuses 0 (short runs default to it)
-            "warmup_type": "linear",
-            "warmup_min_ratio": 0.0,
-            "cos_min_ratio": t.min_lr_ratio,
-        }},
+        "scheduler": {"type": "WarmupCosineLR", "params": sched},  # see schedule_ratio
         "zero_optimization": zero,
         "bf16": {"enabled": precision == "bf16"},
         # loss_scale 0 = dynamic loss scaling, which fp16's narrow range needs.
