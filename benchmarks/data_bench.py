@@ -12,6 +12,9 @@
    `--steps` batches (B=8, T=256); its peak RSS is compared (target ratio <= 1.1), for local
    reads by pread (default) and by np.memmap (whose mapped page-cache pages count as RSS).
 3. Latency: mean seconds per `get(step, micro)` in that process (the time a rank waits for data).
+4. `--wait-run RUN_DIR [RUN_DIR ...]`: from finished runs' metrics.jsonl, the share of step time
+   rank 0 waited for batches (`data_wait_frac`, reported by the training loop per log window) and
+   the step time, e.g. after `raybig run jobs/quickstart.yaml` and `raybig run jobs/instruction.yaml`.
 
 Prints markdown tables and one JSON line.
 """
@@ -155,6 +158,30 @@ def bench_rss(work: str, small_mb: float, large_mb: float, steps: int) -> dict:
     return out
 
 
+def wait_table(run_dirs: list[str]) -> dict:
+    """Mean `data_wait_frac` and step time of each run's log windows (the first window, which holds
+    start-up and the step-0 evaluation, is left out)."""
+    out = {}
+    print("\n### Time a rank waits for data, as a share of step time\n")
+    print("| run | model | seq_len x micro batch | windows | mean step s | data wait share (mean) | max |\n"
+          "|---|---|---|---:|---:|---:|---:|")
+    for d in run_dirs:
+        import yaml
+
+        spec = yaml.safe_load(open(os.path.join(d, "spec.yaml")))
+        rows = [json.loads(line) for line in open(os.path.join(d, "metrics.jsonl")) if line.strip()]
+        w = [r for r in rows if "data_wait_frac" in r][1:]
+        if not w:
+            continue
+        mean = sum(r["data_wait_frac"] for r in w) / len(w)
+        step = sum(r["step_time_s"] for r in w) / len(w)
+        model = spec["model"].get("preset") or spec["model"].get("hf") or "custom"
+        print(f"| {spec['name']} | {model} | {spec['data']['seq_len']} x {spec['train']['micro_batch_size']} | "
+              f"{len(w)} | {step:.3f} | {100 * mean:.2f}% | {100 * max(r['data_wait_frac'] for r in w):.2f}% |")
+        out[spec["name"]] = {"mean_wait_frac": mean, "mean_step_s": step, "windows": len(w)}
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--mb", type=float, default=20, help="prepare corpus size in MB")
@@ -166,7 +193,11 @@ def main() -> None:
     ap.add_argument("--skip-prepare", action="store_true")
     ap.add_argument("--rss-child", help=argparse.SUPPRESS)
     ap.add_argument("--local-io", default="pread", help=argparse.SUPPRESS)
+    ap.add_argument("--wait-run", nargs="+", metavar="RUN_DIR", help="only: data-wait share of finished runs")
     a = ap.parse_args()
+    if a.wait_run:
+        print(json.dumps(wait_table(a.wait_run)))
+        return
     if a.rss_child:
         rss_child(a.rss_child, a.steps, a.local_io)
         return

@@ -278,13 +278,14 @@ class GPT(nn.Module):
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *,
                 positions: torch.Tensor | None = None, key_mask: torch.Tensor | None = None,
-                cache: KVCache | SlotKVCache | None = None) -> torch.Tensor:
+                cache: KVCache | SlotKVCache | None = None, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Logits, or the training loss, for token ids `idx`.
 
         Args:
             idx: (B, T) int64 token ids in [0, vocab_size).
             targets: (B, T) int64 next-token ids. Given: returns the mean cross-entropy (a float32
-                scalar) over all B*T positions; the training contract every raybig model follows.
+                scalar) over all B*T positions (targets of -100 are not scored); the training
+                contract every raybig model follows.
             positions: (B, T) int64 absolute positions of `idx`, per row (a left-padded row starts
                 later). Default: cache.length + 0..T-1 for every row. Each must be < block_size.
             key_mask: (B, S) bool, S = cache.length + T: False hides that key (a pad) from every
@@ -294,6 +295,10 @@ class GPT(nn.Module):
                 or a `SlotKVCache` (continuous batching): `positions` required, `key_mask` unused,
                 rows bound to slots by `SlotKVCache.select`; each row's new keys are written at its
                 positions and it attends to its slot's keys up to each query's position.
+            doc_ids: (B, T) int64 example number of each token within its row (packed training rows;
+                -1 on padding), no cache: a token attends only to earlier tokens of its own example
+                (a block-diagonal causal mask), so packed examples never see each other. Pass
+                `positions` restarting at 0 per example with it. Not combined with `key_mask`.
 
         Returns:
             (B, T, V) logits in the model's dtype; with a `KVCache`, (B, 1, V) logits of the last
@@ -303,7 +308,8 @@ class GPT(nn.Module):
 
         Raises:
             AssertionError: positions run past `block_size` (default positions only).
-            ValueError: a `SlotKVCache` without `positions`, or positions outside its slots.
+            ValueError: a `SlotKVCache` without `positions`, or positions outside its slots; `doc_ids`
+                with a cache or with `key_mask`.
         """
         B, T = idx.size()
         if isinstance(cache, SlotKVCache):
@@ -323,7 +329,13 @@ class GPT(nn.Module):
             positions = torch.arange(past, past + T, device=idx.device)  # (T,), shared by all rows
         x = self.drop(self.wte(idx) + self.wpe(positions))  # (B, T, C)
         mask = None
-        if key_mask is not None:
+        if doc_ids is not None:
+            if cache is not None or key_mask is not None:
+                raise ValueError("doc_ids (packed training rows) cannot be combined with a cache or key_mask")
+            same = doc_ids[:, :, None] == doc_ids[:, None, :]  # (B, T, T): query's example == key's
+            causal = torch.ones(T, T, dtype=torch.bool, device=idx.device).tril()
+            mask = (same & causal).view(B, 1, T, T)  # block-diagonal causal; the diagonal is always kept
+        elif key_mask is not None:
             S = past + T
             causal = torch.ones(T, S, dtype=torch.bool, device=idx.device).tril(diagonal=S - T)
             own = torch.zeros(T, S, dtype=torch.bool, device=idx.device)

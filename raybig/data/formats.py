@@ -157,9 +157,13 @@ def adapt_tokenizer(tok: Any = None) -> TokenizerAdapter:
         eos = tok.eos_token_id
         return TokenizerAdapter(tok, name, vocab, h.hexdigest(), None if eos is None else int(eos), True)
     name = str(getattr(tok, "name", type(tok).__name__))
-    fp = getattr(tok, "fingerprint", None) or hashlib.sha256(
+    fp = getattr(tok, "fingerprint", None)
+    if fp is None and callable(getattr(tok, "to_json", None)):  # a trained BPE: its whole vocabulary and merges
+        fp = hashlib.sha256(str(tok.to_json()).encode()).hexdigest()
+    fp = fp or hashlib.sha256(
         f"{type(tok).__module__}.{type(tok).__qualname__}:{name}:{tok.vocab_size}".encode()).hexdigest()
-    return TokenizerAdapter(tok, name, int(tok.vocab_size), str(fp), None, False)
+    eos = getattr(tok, "eos_id", None)  # a trained BPE ends each document with its EOS; bytes have none
+    return TokenizerAdapter(tok, name, int(tok.vocab_size), str(fp), None if eos is None else int(eos), False)
 
 
 def _field(record: dict[str, Any], name: str) -> str:

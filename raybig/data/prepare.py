@@ -53,6 +53,7 @@ from raybig.data.sources import (
     plan_work,
     read_item,
 )
+from raybig.spec.models import DataSpec
 
 FORMAT_VERSION = 1
 INDEX = "index.json"
@@ -87,7 +88,7 @@ class PrepareOptions:
             size (one Ray Data task each); for plain text files each range is one document.
         separator: text appended to every document when the tokenizer has no EOS token (bytes).
         text_doc_bytes: a plain text file is cut at line boundaries into documents of about this
-            many bytes (so one big file still has a validation split); the separator/EOS follows
+            many bytes (16 KiB: so even one small file has a validation split); the separator/EOS follows
             only the file's last piece, so a file's documents concatenate back to the file.
     """
 
@@ -105,7 +106,7 @@ class PrepareOptions:
     shard_tokens: int = 1 << 26
     chunk_bytes: int = 16 << 20
     separator: str = "\n\n"
-    text_doc_bytes: int = 1 << 20
+    text_doc_bytes: int = 1 << 14
 
     def __post_init__(self) -> None:
         if isinstance(self.path, list):
@@ -138,6 +139,29 @@ class PrepareOptions:
         """
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in names and v is not None})
+
+    @classmethod
+    def from_spec(cls, data: DataSpec) -> PrepareOptions:
+        """The options a train spec's `data` section asks for (the one place the two meet).
+
+        Fields that do not apply to the spec's kind of example keep their defaults, so they never
+        change the prepared set's hash.
+        """
+        kind = data.example_format()
+        return cls(
+            path=data.path if isinstance(data.path, str) else tuple(data.path),
+            format=kind,
+            file_type=data.format or "auto",
+            text_field=data.text_field or "text",
+            prompt_template=data.instruction_template() if kind == "instruction" else DEFAULT_INSTRUCTION_TEMPLATE,
+            response_field=data.response_field or "response",
+            messages_field=data.messages_field or "messages",
+            val_fraction=data.val_fraction,
+            split_seed=data.split_seed,
+            max_tokens=data.token_limit(),
+            on_bad_record=data.on_bad_record,
+            shard_tokens=data.shard_tokens,
+        )
 
     def columns(self) -> list[str]:
         """The record fields this format reads (parquet reads only these columns)."""
@@ -612,7 +636,8 @@ def prepare(options: PrepareOptions, out_uri: str, tokenizer: Any = None, *,
         if options.val_fraction > 0 and va.documents == 0 and va.pending is None:
             if tr.documents == 0:
                 raise DataError(f"data.path {options.path!r}: too few documents "
-                                f"({tr.documents + (tr.pending is not None)}) for a validation split")
+                                f"({tr.documents + (tr.pending is not None)}) for a validation split; add data, "
+                                "or set data.val_fraction: 0 (no validation)")
             pend, tr.pending = tr.pending, None
             assert pend is not None
             va.append(pend[0], pend[1], np.array([len(pend[0])]))
@@ -723,3 +748,59 @@ def _tokenize_and_write(items: list[WorkItem], sources: Sequence[SourceFile], op
             break
     summary.seconds = time.perf_counter() - t0
     summary.tokens_per_s = kept_tokens / max(summary.seconds, 1e-9)
+
+
+LOCAL_PREPARE_BYTES = 32 << 20
+"""`prepare_spec` tokenizes sources smaller than this in the calling process (a few seconds at most:
+the quickstart's 5 MB takes 0.2 s), larger ones with Ray Data tasks."""
+
+PREPARED_DIR = ".prepared"
+"""Default folder of prepared sets under `storage.path` (one subfolder per fingerprint)."""
+
+
+def prepared_root(data: DataSpec, storage_path: str) -> str:
+    """Where a spec's prepared sets live: `data.prepared_path`, else `<storage_path>/.prepared`."""
+    if data.prepared_path:
+        return data.prepared_path
+    return f"{storage_path.rstrip('/')}/{PREPARED_DIR}"
+
+
+def prepare_spec(data: DataSpec, out_uri: str, tokenizer: Any = None, *, use_ray: bool | None = None,
+                 progress: Callable[[PrepareProgress], None] | None = None) -> PrepareSummary:
+    """`prepare` what a train spec's `data` names, or reuse the set whose fingerprint matches.
+
+    Args:
+        data: the spec's data section.
+        out_uri: the folder of prepared sets (`prepared_root`).
+        tokenizer: the run's tokenizer (None: bytes).
+        use_ray: True: Ray Data tasks; False: this process; None: Ray Data from
+            `LOCAL_PREPARE_BYTES` of sources up (a reused set costs one listing either way).
+        progress: called after each work item.
+
+    Raises:
+        DataError, BadRecordError, DataWriteError: as `prepare`.
+    """
+    options = PrepareOptions.from_spec(data)
+    if use_ray is None:
+        use_ray = sum(s.size for s in list_sources(options.path)) >= LOCAL_PREPARE_BYTES
+    return prepare(options, out_uri, tokenizer, progress=progress, use_ray=use_ray)
+
+
+def describe(summary: PrepareSummary) -> str:
+    """One line about a prepared set: reused, or what preparing it did (documents, tokens, bad records)."""
+    s = summary
+    shards = ""
+    try:
+        with fsspec.open(f"{s.uri}/{INDEX}", "r") as fh:
+            splits = json.load(fh)["splits"]
+        shards = f" in {sum(len(v['shards']) for v in splits.values())} shards"
+    except (OSError, ValueError, KeyError):
+        pass
+    used = "" if not s.truncated else \
+        f"; max_tokens used {100 * s.corpus_fraction_used:.1f}% of the corpus's bytes"
+    bad = f"; {s.bad_records} bad records skipped"
+    what = (f"{s.documents:,} documents, {s.tokens:,} tokens{shards} (train {s.train.tokens:,}, "
+            f"val {s.val.tokens:,}){bad}{used}")
+    if s.reused:
+        return f"data: reusing prepared {s.uri} ({what}); sources, tokenizer and options unchanged"
+    return f"data: prepared {s.uri}: {what} in {s.seconds:.1f} s ({s.tokens_per_s:,.0f} tokens/s)"

@@ -210,7 +210,9 @@ def open_index(uri: str) -> dict[str, Any]:
     fs, _, (root,) = fsspec.get_fs_token_paths(uri)
     path = f"{root.rstrip('/')}/{INDEX}"
     if not fs.exists(path):
-        raise DataError(f"{uri} is not a complete prepared data set (no {INDEX}); run prepare")
+        raise DataError(f"{uri} is not a complete prepared data set (no {INDEX}): never prepared, or prepared "
+                        "where this process cannot see it (data.prepared_path and storage.path must be storage "
+                        "every node reads); run raybig prepare")
     with fs.open(path, "r") as fh:
         return json.load(fh)
 
@@ -369,3 +371,26 @@ class ShardBatches:
         lo, hi = self.share
         per_token = self.train.dtype.itemsize + (1 if self.masked else 0)
         return (hi - lo) * per_token
+
+
+def check_shares(uri: str, seq_len: int, micro_batch_size: int, seed: int, world_size: int,
+                 packed: bool | None = None) -> None:
+    """Raise now (in the driver) what a rank would raise on its first batch: a share too small.
+
+    Opens every rank's share (the first and last 8 of a larger world), draws its first training
+    batch, and draws the first validation batch when the set has a validation split.
+
+    Raises:
+        DataError: a rank's share holds fewer than seq_len + 1 tokens or no example; the validation
+            split is too small for one row.
+    """
+    ranks = range(world_size) if world_size <= 16 else [*range(8), *range(world_size - 8, world_size)]
+    for r in ranks:
+        b = ShardBatches(uri, seq_len, micro_batch_size, seed, r, world_size, packed=packed)
+        b.get(0, 0)
+        if r == 0 and b.val.n:
+            try:
+                b.get_val(0)
+            except DataError as e:
+                raise DataError(f"validation split of {uri} is too small: {e} (raise data.val_fraction, or "
+                                "set it to 0 for no validation)") from None

@@ -1,10 +1,9 @@
-"""Text corpora to token batches, deterministic per (seed, rank, step).
+"""Whole-corpus-in-memory text reading: the training sample of a run's BPE, and the old `Batches`.
 
-The corpus is any fsspec URI, directory or glob of text files, or `stdlib://`
-(this Python's own standard library sources, which exist on every machine).
-Files are read in sorted order; the last `val_fraction` of the token stream is held out.
-Each rank samples windows from its own contiguous shard of the training tokens with
-an RNG keyed on (seed, rank, step, micro), so a resumed run sees the same batches.
+Training reads prepared token shards (`raybig.data.prepare`, `raybig.data.shards`); this module
+remains for what needs raw text in memory: `split_texts` is what `data.tokenizer: bpe` trains its
+vocabulary on (at most `data.max_tokens` bytes, else `TEXT_SAMPLE_BYTES`), and `Batches` (every
+rank reads the corpus and keeps a slice) is kept for tools and tests that used it.
 """
 
 from __future__ import annotations
@@ -19,9 +18,19 @@ import torch
 from raybig.data.sources import stdlib_files
 from raybig.spec.models import DataSpec
 
+TEXT_SAMPLE_BYTES = 16_000_000
+"""Bytes of text read into memory when `data.max_tokens` sets no smaller limit."""
 
-def list_files(path: str) -> list[str]:
-    """Resolve a data path to a sorted list of fsspec URLs."""
+
+def _cap(spec: DataSpec) -> int:
+    limit = spec.token_limit()
+    return min(limit, TEXT_SAMPLE_BYTES) if limit else TEXT_SAMPLE_BYTES
+
+
+def list_files(path: str | list[str]) -> list[str]:
+    """Resolve a data path (or a list of them) to a sorted list of fsspec URLs."""
+    if isinstance(path, list):
+        return sorted({f for p in path for f in list_files(p)})
     if path.startswith("stdlib://"):
         return stdlib_files()
     fs, _, paths = fsspec.get_fs_token_paths(path)
@@ -36,18 +45,18 @@ def list_files(path: str) -> list[str]:
 
 
 def read_corpus(spec: DataSpec) -> np.ndarray:
-    """All tokens of the corpus as uint8, capped at `max_bytes`."""
+    """All tokens of the corpus as uint8, capped at `data.max_tokens` (else `TEXT_SAMPLE_BYTES`)."""
     files = list_files(spec.path)
     if not files:
         raise FileNotFoundError(f"data.path {spec.path!r} matched no files")
     chunks: list[bytes] = []
-    total = 0
+    total, cap = 0, _cap(spec)
     for f in files:
         with fsspec.open(f, "rb") as fh:
-            blob = fh.read(spec.max_bytes - total)
+            blob = fh.read(cap - total)
         chunks.append(blob + b"\n\n")
         total += len(blob) + 2
-        if total >= spec.max_bytes:
+        if total >= cap:
             break
     return np.frombuffer(b"".join(chunks), dtype=np.uint8)
 
@@ -55,19 +64,19 @@ def read_corpus(spec: DataSpec) -> np.ndarray:
 def read_texts(spec: DataSpec) -> list[str]:
     """The corpus as one text per file.
 
-    UTF-8 with invalid bytes replaced; at most `max_bytes` bytes in all.
+    UTF-8 with invalid bytes replaced; at most `data.max_tokens` (else `TEXT_SAMPLE_BYTES`) bytes in all.
     """
     files = list_files(spec.path)
     if not files:
         raise FileNotFoundError(f"data.path {spec.path!r} matched no files")
     out: list[str] = []
-    total = 0
+    total, cap = 0, _cap(spec)
     for f in files:
         with fsspec.open(f, "rb") as fh:
-            blob = fh.read(spec.max_bytes - total)
+            blob = fh.read(cap - total)
         out.append(blob.decode("utf-8", errors="replace"))
         total += len(blob)
-        if total >= spec.max_bytes:
+        if total >= cap:
             break
     return out
 

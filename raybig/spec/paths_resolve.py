@@ -31,6 +31,7 @@ from raybig.spec.secrets import EnvSecret
 PATH_FIELDS: dict[tuple[str, str], bool] = {
     ("TrainSpec", "init_from"): True,
     ("DataSpec", "path"): True,
+    ("DataSpec", "prepared_path"): True,
     ("DataSpec", "prepared"): True,
     ("DataSpec", "tokenizer"): False,
     ("DataSpec", "tokenizer_path"): True,
