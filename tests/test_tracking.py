@@ -49,7 +49,7 @@ def test_flatten_params_keeps_secret_placeholders():
     flat = flatten_params(SPEC)
     assert flat["model.n_layer"] == "2" and flat["train.lr"] == "0.001"
     assert flat["data.storage_options.key"] == "${AWS_KEY}"
-    assert flatten_params({"a": [1, {"b": None}]}) == {"a[0]": "1", "a[1].b": "null"}
+    assert flatten_params({"a": [1, {"b": None}]}) == {"a.0": "1", "a.1.b": "null"}
 
 
 def test_file_store_run_params_metrics_artifact(store, tmp_path):

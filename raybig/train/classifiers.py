@@ -14,18 +14,13 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn as nn
 
-from raybig.errors import EXIT_SPEC, RaybigError
-
-
-class ClassifierDataError(RaybigError):
-    """Arrays that do not fit the classifier (shapes, labels out of range, non-finite); exit 2."""
-
-    exit_code = EXIT_SPEC
+from raybig.errors import ClassifierDataError
 
 
 class MLP(nn.Module):
@@ -164,3 +159,169 @@ def load_digits_split(val_fraction: float = 0.2, seed: int = 0) -> ArraySplit:
     y = d.target.astype(np.int64)
     xt, xv, yt, yv = train_test_split(x, y, test_size=val_fraction, random_state=seed, stratify=y)
     return ArraySplit(xt, yt, xv, yv, example_shape=(8, 8), num_classes=10)
+
+
+def load_arrays(dataset: str = "digits", val_fraction: float = 0.2, seed: int = 0,
+                num_classes: int | None = None) -> ArraySplit:
+    """The labelled arrays a classifier spec names, checked (`check_arrays`), as a train/val split.
+
+    Args:
+        dataset: `digits` (scikit-learn's, offline) or an .npz (any fsspec URI) holding x_train,
+            y_train, x_val, y_val, or x, y (then split here, stratified, seeded).
+        val_fraction: held out when the file has no validation arrays.
+        seed: the split's seed.
+        num_classes: classes of the model (default: max label + 1).
+
+    Raises:
+        ClassifierDataError: a missing file or array, or arrays that do not fit (one line).
+    """
+    if dataset == "digits":
+        split = load_digits_split(val_fraction, seed)
+    else:
+        import io
+
+        import fsspec
+
+        try:
+            with fsspec.open(dataset, "rb") as f:
+                blob = f.read()
+            arrays = dict(np.load(io.BytesIO(blob), allow_pickle=False))
+        except (OSError, ValueError) as e:
+            raise ClassifierDataError(f"classifier.dataset {dataset!r}: cannot read it as .npz: {e}") from None
+        if {"x_train", "y_train", "x_val", "y_val"} <= set(arrays):
+            xt, yt, xv, yv = (arrays[k] for k in ("x_train", "y_train", "x_val", "y_val"))
+        elif {"x", "y"} <= set(arrays):
+            from sklearn.model_selection import train_test_split
+
+            x, y = arrays["x"], arrays["y"]
+            check_arrays(x, y, int(num_classes or (y.max() + 1 if y.size else 1)))
+            xt, xv, yt, yv = train_test_split(x, y, test_size=val_fraction, random_state=seed)
+        else:
+            raise ClassifierDataError(f"classifier.dataset {dataset!r} must hold x_train, y_train, x_val, y_val "
+                                      f"(or x, y); it holds {sorted(arrays)}")
+        k = int(num_classes or max(int(yt.max()), int(yv.max())) + 1)
+        split = ArraySplit(xt.astype(np.float32), yt.astype(np.int64), xv.astype(np.float32),
+                           yv.astype(np.int64), tuple(xt.shape[1:]), k)
+    k = num_classes or split.num_classes
+    for x, y, part in ((split.x_train, split.y_train, "train"), (split.x_val, split.y_val, "val")):
+        try:
+            check_arrays(x, y, k, split.example_shape)
+        except ClassifierDataError as e:
+            raise ClassifierDataError(f"classifier.dataset {dataset!r} ({part}): {e}") from None
+    if k != split.num_classes:
+        split = ArraySplit(split.x_train, split.y_train, split.x_val, split.y_val, split.example_shape, k)
+    return split
+
+
+@dataclass
+class ArrayBatches:
+    """Deterministic classifier batches for one rank, with the interface of `raybig.data.text.Batches`.
+
+    Training: each rank samples `micro_batch_size` examples from its own contiguous shard of the
+    training arrays with an RNG keyed on (seed, rank, step, micro), so a resumed run sees the same
+    batches. Validation: the validation arrays are split into `world_size` rank shards and each into
+    `eval_batches` near-equal chunks, so `val_batch(0..eval_batches-1)` on every rank covers every
+    validation example exactly once.
+    """
+
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_val: np.ndarray
+    y_val: np.ndarray
+    micro_batch_size: int
+    seed: int
+    rank: int
+    world_size: int
+    eval_batches: int
+
+    @classmethod
+    def build(cls, split: ArraySplit, micro_batch_size: int, seed: int, rank: int, world_size: int,
+              eval_batches: int) -> ArrayBatches:
+        """This rank's batches of `split`.
+
+        Raises:
+            ClassifierDataError: fewer training examples than ranks, or fewer validation examples
+                than ranks x eval_batches.
+        """
+        n = len(split.y_train) // world_size
+        if n < 1:
+            raise ClassifierDataError(f"{len(split.y_train)} training examples for {world_size} workers")
+        if len(split.y_val) < world_size * eval_batches:
+            raise ClassifierDataError(f"{len(split.y_val)} validation examples cannot fill {eval_batches} "
+                                      f"eval batches on each of {world_size} workers (lower train.eval_batches)")
+        val = np.array_split(np.arange(len(split.y_val)), world_size)[rank]
+        return cls(split.x_train[rank * n:(rank + 1) * n], split.y_train[rank * n:(rank + 1) * n],
+                   split.x_val[val], split.y_val[val], micro_batch_size, seed, rank, world_size, eval_batches)
+
+    def train_batch(self, step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x (B, *example_shape) float32, y (B,) int64) of micro step `micro` of `step`."""
+        rng = np.random.default_rng([self.seed, self.rank, step, micro])
+        idx = rng.integers(0, len(self.y_train), size=self.micro_batch_size)
+        return torch.from_numpy(self.x_train[idx]), torch.from_numpy(self.y_train[idx])
+
+    packed = False
+    """Never packed (the loop asks)."""
+
+    def get(self, step: int, micro: int) -> _ArrayBatch:
+        """`train_batch` as numpy arrays, in the shape the training loop feeds (`x`, `y`)."""
+        rng = np.random.default_rng([self.seed, self.rank, step, micro])
+        idx = rng.integers(0, len(self.y_train), size=self.micro_batch_size)
+        return _ArrayBatch(self.x_train[idx], self.y_train[idx])
+
+    def val_batch(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Chunk `i` (of `eval_batches`) of this rank's validation examples."""
+        idx = np.array_split(np.arange(len(self.y_val)), self.eval_batches)[i % self.eval_batches]
+        return torch.from_numpy(self.x_val[idx]), torch.from_numpy(self.y_val[idx])
+
+
+def classifier_config(arch: str, example_shape: Sequence[int], num_classes: int, hidden: Sequence[int],
+                      dropout: float = 0.0) -> dict[str, object]:
+    """The export's model config of a built-in classifier: `target` + `kwargs` for `build_from_config`."""
+    return {"target": "raybig.train.classifiers:build_from_config",
+            "kwargs": {"arch": arch, "input_shape": list(example_shape), "num_classes": int(num_classes),
+                       "hidden": [int(h) for h in hidden], "dropout": float(dropout)}}
+
+
+def build_from_config(arch: str, input_shape: Sequence[int], num_classes: int, hidden: Sequence[int] = (128, 64),
+                      dropout: float = 0.0) -> nn.Module:
+    """A built-in classifier from its export config (`classifier_config`); what `load_model` calls."""
+    if arch == "mlp":
+        return MLP(math.prod(input_shape), num_classes, hidden=hidden, dropout=dropout)
+    return build_classifier(arch, input_shape, num_classes, hidden=int(hidden[0]))
+
+
+def split_for_spec(spec: Any) -> ArraySplit:
+    """The labelled arrays of a `task: classification` spec (`classifier.dataset`, seeded by `seed`)."""
+    c = spec.classifier
+    if c is None:
+        return load_arrays(seed=spec.seed)
+    return load_arrays(c.dataset, c.val_fraction, spec.seed, c.num_classes)
+
+
+def build_for_spec(spec: Any) -> Any:
+    """`raybig.train.build.Built` for a `task: classification` spec: the classifier, its task, its export config."""
+    from raybig.train.build import Built
+    from raybig.train.tasks import Classification
+
+    split = split_for_spec(spec)
+    c = spec.classifier
+    arch, hidden, dropout = (c.arch, list(c.hidden), c.dropout) if c is not None else ("mlp", [128, 64], 0.0)
+    cfg = classifier_config(arch, split.example_shape, split.num_classes, hidden, dropout)
+    model = build_from_config(**cfg["kwargs"])  # type: ignore[arg-type]
+    return Built(model, "classifier", config=cfg, task=Classification(split.num_classes))
+
+
+class _ArrayBatch:
+    """One micro batch of arrays in the shape the loop feeds (`x`, `y` numpy; no packing)."""
+
+    positions = None
+    doc_ids = None
+
+    def __init__(self, x: np.ndarray, y: np.ndarray):
+        self.x, self.y = x, y
+
+
+def batches_for_spec(spec: Any, rank: int, world_size: int) -> ArrayBatches:
+    """This rank's `ArrayBatches` of a `task: classification` spec (eval batches: `train.eval_batches`)."""
+    return ArrayBatches.build(split_for_spec(spec), spec.train.micro_batch_size, spec.seed, rank, world_size,
+                              spec.train.eval_batches)

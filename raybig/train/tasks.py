@@ -23,19 +23,13 @@ from typing import Any, Protocol
 import torch
 from torch.nn import functional as F
 
-from raybig.errors import EXIT_SPEC, RaybigError
+from raybig.errors import TaskError
 
 IGNORE_INDEX = -100
 """Labels equal to this are not scored (PyTorch and transformers convention)."""
 
 TASKS = ("causal_lm", "masked_lm", "classification")
 """Values the spec's `task` field may take (`causal_lm` is the default)."""
-
-
-class TaskError(RaybigError):
-    """A task name, its options or a batch does not fit the task (unknown name, bad labels); exit 2."""
-
-    exit_code = EXIT_SPEC
 
 
 class TaskStrategy(Protocol):

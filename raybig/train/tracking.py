@@ -33,21 +33,18 @@ import urllib.request
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from raybig.errors import EXIT_SPEC, RaybigError, first_line
+from raybig.errors import TrackingError, first_line
 
 log = logging.getLogger(__name__)
+
+__all__ = ["PARENT_TAG", "MlflowTracker", "TrackingError", "check_tracking_uri", "flatten_params",
+           "sweep_callback", "train_callback"]
 
 PARENT_TAG = "mlflow.parentRunId"
 """MLflow's tag that makes a run a nested child of another (what `mlflow.start_run(nested=True)` sets)."""
 
 MAX_PARAM_CHARS = 6000
 """MLflow's limit on one param value (longer ones are cut, with a trailing `...`)."""
-
-
-class TrackingError(RaybigError):
-    """The tracking store cannot be reached or used (bad scheme, no server, unwritable dir); exit 2."""
-
-    exit_code = EXIT_SPEC
 
 
 def check_tracking_uri(uri: str, timeout_s: float = 5.0) -> None:
@@ -96,7 +93,7 @@ def check_tracking_uri(uri: str, timeout_s: float = 5.0) -> None:
 
 
 def flatten_params(tree: Mapping[str, Any] | str, sep: str = ".") -> dict[str, str]:
-    """A nested spec (dict, or its YAML text) as flat `a.b[0].c -> str(value)` params.
+    """A nested spec (dict, or its YAML text) as flat `a.b.0.c -> str(value)` params.
 
     Values longer than `MAX_PARAM_CHARS` are cut. `None` becomes "null". Never raises: text that is
     not a YAML mapping gives `{"spec": text}`.
@@ -119,7 +116,7 @@ def flatten_params(tree: Mapping[str, Any] | str, sep: str = ".") -> dict[str, s
                 walk(v, f"{key}{sep}{k}" if key else str(k))
         elif isinstance(node, (list, tuple)) and node:
             for i, v in enumerate(node):
-                walk(v, f"{key}[{i}]")
+                walk(v, f"{key}{sep}{i}" if key else str(i))  # MLflow keys allow no brackets
         else:
             text = "null" if node is None else str(node)
             if len(text) > MAX_PARAM_CHARS:
@@ -365,3 +362,121 @@ def train_callback(tracker: MlflowTracker) -> Any:
                 self.tracker.log_metrics(metrics[0], int(metrics[0].get("step", 0)))
 
     return _Tracking(tracker)
+
+
+# --------------------------------------------------------------------------- a train run's tracking
+
+MLFLOW_RUN_KEY = "mlflow_run_id"
+"""run.json key holding the MLflow run id of a tracked train run (evaluation logs to the same run)."""
+
+
+class RunTracking:
+    """The driver's side of a train run's tracking; does nothing when the spec has no `tracking.mlflow`.
+
+    `run_train` calls `for_spec` before Ray starts (an unreachable store is a `TrackingError`, exit 2,
+    and nothing starts), `start` once the run directory is written (params: the frozen spec, whose
+    secret values are still `${VAR}`; the spec text as artifact `spec.yaml`; the run id goes into
+    run.json), `log` with every record rank 0 reports (on the driver's progress thread, so a slow or
+    dead store never stalls a worker), then `finish` (the export as artifacts, status FINISHED) or
+    `fail`. Every call is guarded by `MlflowTracker`: the first failure logs one warning and turns
+    tracking off; training goes on.
+    """
+
+    def __init__(self, tracker: MlflowTracker | None = None, log_export: bool = True):
+        self.tracker, self.log_export = tracker, log_export
+
+    @classmethod
+    def for_spec(cls, spec: Any) -> RunTracking:
+        """The tracking a train spec asks for, its store checked now.
+
+        Raises:
+            TrackingError: the store cannot be reached or written (exit 2).
+        """
+        t = getattr(spec, "tracking", None)
+        m = t.mlflow if t is not None else None
+        if m is None:
+            return cls()
+        check_tracking_uri(m.tracking_uri)
+        return cls(MlflowTracker(m.tracking_uri, m.experiment, run_name=spec.name,
+                                 tags={"raybig.kind": "train", "raybig.name": spec.name}, rank=0), m.log_export)
+
+    @property
+    def run_id(self) -> str | None:
+        """The MLflow run id once started (None: no tracking, or the store failed)."""
+        return self.tracker.run_id if self.tracker is not None else None
+
+    def start(self, spec: Any, run_dir: str) -> None:
+        """Create the MLflow run with the frozen spec as params; note its id in `<run_dir>/run.json`."""
+        if self.tracker is None:
+            return
+        from raybig.spec import freeze
+
+        self.tracker.tags["raybig.run_dir"] = run_dir
+        run_id = self.tracker.start(freeze(spec))
+        if run_id is not None:
+            _note_run_id(run_dir, run_id)
+
+    def log(self, metrics: Mapping[str, Any]) -> None:
+        """Log one reported record (its numeric values) at its `step`."""
+        if self.tracker is not None and self.tracker.enabled:
+            self.tracker.log_metrics(metrics, int(metrics.get("step", 0) or 0))
+
+    def finish(self, export_dir: str | None) -> None:
+        """Upload the export (a local folder) as artifacts `export/`, then end the run FINISHED."""
+        if self.tracker is None:
+            return
+        if export_dir and self.log_export:
+            from raybig import storage
+
+            if storage.is_local(export_dir):
+                self.tracker.log_artifacts(storage.normalize(export_dir), "export")
+            else:
+                log.warning("MLflow: export %s is not local; not uploaded as artifacts", export_dir)
+        self.tracker.end("FINISHED")
+
+    def fail(self, status: str = "FAILED") -> None:
+        """End the run FAILED (or KILLED for an interrupt)."""
+        if self.tracker is not None:
+            self.tracker.end(status)
+
+
+def _note_run_id(run_dir: str, run_id: str) -> None:
+    import json
+
+    from raybig import storage
+    from raybig.train.result import RUN_FILE
+
+    uri = storage.join(run_dir, RUN_FILE)
+    try:
+        data = json.loads(storage.read_text(uri)) if storage.exists(uri) else {}
+        data[MLFLOW_RUN_KEY] = run_id
+        storage.write_text(uri, json.dumps(data, indent=2, default=str))
+    except (OSError, ValueError) as e:  # bookkeeping only: never fail the run for it
+        log.warning("could not note the MLflow run id in %s: %s", uri, first_line(e))
+
+
+def log_to_run(spec: Any, run_dir: str, metrics: Mapping[str, Any], step: int) -> bool:
+    """Log `metrics` at `step` into the MLflow run a tracked train run made (its id in run.json).
+
+    For results that come after training (`raybig eval`, the spec's `eval:` section). Returns
+    whether anything was logged; never raises (no tracking, no run id, a store gone away: False).
+    """
+    import json
+
+    from raybig import storage
+    from raybig.train.result import RUN_FILE
+
+    t = getattr(spec, "tracking", None)
+    m = t.mlflow if t is not None else None
+    if m is None:
+        return False
+    try:
+        run_id = json.loads(storage.read_text(storage.join(run_dir, RUN_FILE))).get(MLFLOW_RUN_KEY)
+    except (OSError, ValueError):
+        return False
+    if not run_id:
+        return False
+    tracker = MlflowTracker(m.tracking_uri, m.experiment, rank=0)
+    tracker.run_id = run_id
+    tracker.log_metrics(metrics, step)
+    return tracker.enabled
