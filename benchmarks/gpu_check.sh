@@ -17,7 +17,7 @@ cat > "$OUT/gpt2_125m.yaml" <<YAML
 kind: train
 name: gpu-gpt2-125m
 model: {preset: gpt2-125m}
-data: {path: "stdlib://", seq_len: 1024, max_bytes: 16000000}
+data: {path: "stdlib://", seq_len: 1024, max_tokens: 16000000}
 train: {steps: 60, micro_batch_size: 16, lr: 6.0e-4, warmup_steps: 10, eval_every: 1000, eval_batches: 2, log_every: 10}
 deepspeed: {zero_stage: 2, precision: bf16}
 resources: {workers: 1, cpus_per_worker: 4, gpus_per_worker: 1}
@@ -51,7 +51,7 @@ model:
   hf_config: {model_type: llama, vocab_size: 32000, hidden_size: 2048, intermediate_size: 5632,
               num_hidden_layers: 22, num_attention_heads: 32, num_key_value_heads: 4,
               max_position_embeddings: 2048, tie_word_embeddings: false}
-data: {path: "stdlib://", seq_len: 1024, tokenizer: bytes, max_bytes: 8000000}
+data: {path: "stdlib://", seq_len: 1024, tokenizer: bytes, max_tokens: 8000000}
 train: {steps: 20, micro_batch_size: 4, lr: 3.0e-4, warmup_steps: 2, eval_every: 1000, eval_batches: 1, log_every: 5,
         activation_checkpointing: true}
 deepspeed: {zero_stage: 3, precision: auto}

@@ -128,3 +128,31 @@ class ReportError(RaybigError):
     """A run directory cannot be reported on (missing or unreadable files); exit 2."""
 
     exit_code = EXIT_SPEC
+
+
+class EvalTaskError(RaybigError):
+    """An eval task is unknown, or its task file or data files are missing or malformed; exit 2."""
+
+    exit_code = EXIT_SPEC
+
+
+class EvalFailed(RaybigError):
+    """An evaluation could not run on the model (the export does not load, lm-eval failed); exit 1."""
+
+
+class TrackingError(RaybigError):
+    """The tracking store cannot be reached or used (bad scheme, no server, unwritable dir); exit 2."""
+
+    exit_code = EXIT_SPEC
+
+
+class TaskError(RaybigError):
+    """A task name, its options or a batch does not fit the task (unknown name, bad labels); exit 2."""
+
+    exit_code = EXIT_SPEC
+
+
+class ClassifierDataError(RaybigError):
+    """Arrays that do not fit the classifier (shapes, labels out of range, non-finite); exit 2."""
+
+    exit_code = EXIT_SPEC

@@ -65,8 +65,13 @@ def run_spec(spec: JobSpec, address: str | None = None, resume_from: str | None 
                 return plan.result
             preflight_run(spec, resume_from)  # what no worker-group restart can fix: one line, exit 2
             with hooks.train(spec) as on_metrics:
-                return run_train(spec, address=address, resume_from=resume_from, on_metrics=on_metrics,
-                                 python_path=python_path, verbose=verbose, sample=True)
+                res = run_train(spec, address=address, resume_from=resume_from, on_metrics=on_metrics,
+                                python_path=python_path, verbose=verbose, sample=True, on_note=hooks.note)
+            if spec.eval is not None and spec.eval.at_end:  # the spec's `eval:` section, on the export
+                from raybig.eval.run import evaluate_after_training
+
+                evaluate_after_training(spec, res, note=hooks.note)
+            return res
         case ProbeSpec():
             from raybig.scheduler.probe import run_probe
 

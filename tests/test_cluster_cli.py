@@ -157,7 +157,7 @@ def test_cluster_up_plugin_job_failure_partly_dead_up_and_down(tmp_path):
         r = _cli(env, "submit", "jobs/plugin_lstm.yaml", "--follow", "--set", f"storage.path={tmp_path / 'runs'}",
                  "--set", "train.steps=4", "--set", "train.warmup_steps=1", "--set", "train.eval_every=4",
                  "--set", "checkpoint.every=4",
-                 "--set", "data.max_bytes=200000", timeout=300)
+                 "--set", "data.max_tokens=200000", timeout=300)
         assert r.returncode == 0, (r.stdout[-4000:], r.stderr[-2000:])
         assert "SUCCEEDED" in r.stdout.splitlines()[-1], r.stdout[-2000:]
         t_plugin = time.time() - t1

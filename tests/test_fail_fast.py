@@ -89,6 +89,45 @@ def test_checkpoint_from_two_workers_resumed_with_one(tmp_path):
     assert "resources.workers is 1" in line and str(ckpt) in line
 
 
+@pytest.mark.unit
+def test_validate_runs_the_same_preflight_as_run(tmp_path):
+    """`raybig validate` ends on the driver-side preflight with run's very line and exit code."""
+    spec = _spec_copy(tmp_path)
+    code, out, secs = _cli(tmp_path, "validate", spec, "--set", "data.path=corpus/*.txt", *ONE_WORKER)
+    run_line = _one_line_failure(*_cli(tmp_path, "run", spec, "--set", "data.path=corpus/*.txt", *ONE_WORKER),
+                                 "matched no files")
+    assert _one_line_failure(code, out, secs, "matched no files") == run_line
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / "tiny.txt").write_text("hello world!")
+    code, out, secs = _cli(tmp_path, "validate", spec, "--set", "data.path=corpus/*.txt", *ONE_WORKER)
+    _one_line_failure(code, out, secs, "too small for one training sequence")
+    code, out, _ = _cli(tmp_path, "validate", spec, "--set", "data.path=corpus/*.txt", *ONE_WORKER, "--json")
+    assert code == 2 and '"ok": false' in out and "too small" in out
+
+
+@pytest.mark.unit
+def test_validate_refuses_a_checkpoint_of_another_world_size(tmp_path):
+    """The run's own latest checkpoint (auto-resume) or --resume-from, written by 2 ranks, workers: 1."""
+    from raybig.train.checkpoints import write_manifest
+
+    run = tmp_path / "runs" / "debug"
+    ckpt = run / "checkpoint_2026"
+    for rank in (0, 1):
+        shard = ckpt / "step4" / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"
+        shard.parent.mkdir(parents=True, exist_ok=True)
+        shard.write_bytes(b"x" * 64)
+        write_manifest(str(ckpt), rank, 2, 4)
+    spec = _spec_copy(tmp_path)
+    code, out, secs = _cli(tmp_path, "validate", spec, "--resume-from", str(ckpt), *ONE_WORKER)
+    line = _one_line_failure(code, out, secs, "written by 2 workers")
+    assert "resources.workers is 1" in line
+    # Auto-resume: Ray's registry names the run's latest checkpoint.
+    (run / "checkpoint_manager_snapshot.json").write_text(
+        '{"latest_checkpoint_result": {"checkpoint_dir_name": "checkpoint_2026"}}')
+    code, out, secs = _cli(tmp_path, "validate", spec, "--set", "storage.path=runs", *ONE_WORKER)
+    _one_line_failure(code, out, secs, "written by 2 workers")
+
+
 @pytest.fixture
 def cli(ray_local):
     """Click's runner over the real `raybig` command, in this process (one embedded Ray)."""
@@ -121,16 +160,18 @@ def test_relative_data_path_trains_and_records_absolute_paths(cli, tmp_path, mon
 
 @pytest.mark.ray
 def test_deterministic_worker_error_is_not_retried(cli, tmp_path, monkeypatch):
-    """A missing file found only inside a worker (a protocol the driver cannot list) ends the run at
-    the first worker-group failure, although checkpoint.max_failures allows 5 restarts."""
+    """Data found only inside a worker (shards prepared where the workers cannot see them: memory:// is
+    the driver's own process) ends the run at the first worker-group failure, although
+    checkpoint.max_failures allows 5 restarts."""
     monkeypatch.chdir(tmp_path)
     spec = _spec_copy(tmp_path)
-    code, out, secs = cli("run", spec, "--set", "data.path=memory://nowhere/*.txt", "--set",
+    code, out, secs = cli("run", spec, "--set", "data.prepared_path=memory://prep", "--set",
                           f"storage.path={tmp_path / 'runs'}", "--set", "checkpoint.max_failures=5",
                           *ONE_WORKER)
     assert code == 1, out[-3000:]
     errors = _error_lines(out)
     assert len(errors) == 1, out[-3000:]
-    assert "not retried" in errors[0] and "FileNotFoundError: data.path 'memory://nowhere/*.txt'" in errors[0]
+    assert "not retried" in errors[0] and "DataError: memory://prep/" in errors[0], errors[0]
+    assert "not a complete prepared data set" in errors[0]
     assert "Traceback" not in out
     print(f"deterministic worker error: failed in {secs:.0f} s")

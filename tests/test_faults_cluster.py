@@ -200,7 +200,7 @@ def test_plugin_model_job_runs_across_hosts(cluster, tmp_path):
     args = [sys.executable, "-m", "raybig", "submit", str(ROOT / "jobs/plugin_lstm.yaml"), "--follow",
             "--set", f"storage.path={runs}", "--set", "resources.custom={rbnode: 1}",
             "--set", "train.steps=4", "--set", "train.warmup_steps=1", "--set", "train.eval_every=4",
-            "--set", "checkpoint.every=4", "--set", "data.max_bytes=200000"]
+            "--set", "checkpoint.every=4", "--set", "data.max_tokens=200000"]
     t0 = time.time()
     r = subprocess.run(args, capture_output=True, text=True, env=_env(c), timeout=400, cwd=str(ROOT))
     assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-2000:])
@@ -208,3 +208,23 @@ def test_plugin_model_job_runs_across_hosts(cluster, tmp_path):
     v = _status(c, job)
     assert v["state"] == "SUCCEEDED" and v["metrics"]["step"] == 4, v
     print(f"\nplug-in job across hosts: {time.time() - t0:.1f}s")
+
+
+def test_submit_checks_a_local_storage_path_on_every_host(cluster, tmp_path):
+    """Issue 18.4: `raybig submit` checks for real that a local storage.path is shared: the head writes a
+    marker there and each worker host reads it back (these namespaces share one disk, so it passes;
+    the refusal's wording is tested without a cluster in tests/test_queue_storage_check.py)."""
+    c = cluster
+    runs = tmp_path / "shared-runs"
+    code = ("import json, sys\nfrom raybig.scheduler.storage_check import check_shared\n"
+            "r = check_shared(sys.argv[1])\nprint(json.dumps(r.__dict__ if r else None))")
+    r = subprocess.run([sys.executable, "-c", code, str(runs)], capture_output=True, text=True, env=_env(c),
+                       timeout=200, cwd=str(ROOT))
+    assert r.returncode == 0, r.stderr[-3000:]
+    found = json.loads(r.stdout.strip().splitlines()[-1])
+    assert found and found["wrote"] and len(found["nodes"]) == 2, found
+    assert set(found["nodes"].values()) == {"ok"}, found
+    assert not list(runs.glob(".raybig-shared-*"))  # the marker is removed
+    job = _submit(c, runs, "storage-checked")
+    subprocess.run([sys.executable, "-m", "raybig", "stop", job], capture_output=True, text=True, env=_env(c),
+                   timeout=120, cwd=str(ROOT))

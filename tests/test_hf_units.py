@@ -290,6 +290,71 @@ def test_remote_folder_fetched_once(tiny_dirs, tmp_path, monkeypatch):
         mem.rm("/remote-llama", recursive=True)
 
 
+_RANK_FETCH = """
+import json, sys, time
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+class CountFS(LocalFileSystem):
+    # A slow "remote" filesystem that logs every file it serves (appends are atomic on Linux).
+    protocol = "countfs"
+    root_marker = "/"
+
+    @classmethod
+    def _strip_protocol(cls, path):
+        return LocalFileSystem._strip_protocol(str(path).replace("countfs://", "", 1))
+
+    def get_file(self, rpath, lpath, **kw):
+        with open(sys.argv[2], "a") as f:
+            f.write(rpath + "\\n")
+        time.sleep(0.05)
+        return super().get_file(rpath, lpath, **kw)
+
+fsspec.register_implementation("countfs", CountFS, clobber=True)
+from raybig.train.hf import resolve_model_source
+print("PATH", resolve_model_source("countfs://" + sys.argv[1], cache_dir=sys.argv[3]))
+"""
+
+
+def test_remote_folder_fetched_once_per_node_not_per_rank(tiny_dirs, tmp_path):
+    """Two processes (the ranks of one node) resolve one remote folder at once: one download."""
+    log, cache = tmp_path / "served.log", tmp_path / "cache"
+    script = tmp_path / "rank.py"
+    script.write_text(_RANK_FETCH)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    procs = [subprocess.Popen([sys.executable, str(script), tiny_dirs["llama"], str(log), str(cache)], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
+    paths = {o[0].split("PATH", 1)[1].strip() for o in outs}
+    served = log.read_text().splitlines()
+    assert len(paths) == 1 and len(served) == len(os.listdir(tiny_dirs["llama"])), served
+    assert len(served) == len(set(served))  # every file once, not once per rank
+    assert not [p for p in os.listdir(cache) if ".tmp-" in p]
+
+
+def test_remote_tokenizer_and_config_fetch_leave_weights(tiny_dirs, tmp_path, monkeypatch):
+    """The driver needs the tokenizer (and export the config), never the weights: none are fetched."""
+    import fsspec
+
+    from raybig.train.hf import build_from_config, load_tokenizer
+
+    mem = fsspec.filesystem("memory")
+    mem.put(tiny_dirs["llama"] + "/", "/remote-tok/", recursive=True)
+    calls: list[str] = []
+    orig = type(mem).get_file
+    monkeypatch.setattr(type(mem), "get_file", lambda self, *a, **k: (calls.append(a[0]), orig(self, *a, **k))[1])
+    monkeypatch.setenv("RAYBIG_HF_CACHE", str(tmp_path / "cache"))
+    try:
+        tok = load_tokenizer("memory://remote-tok")
+        assert tok.vocab_size == 1024 and calls
+        model = build_from_config("memory://remote-tok")
+        assert type(model).__name__ == "LlamaForCausalLM"
+        assert not [c for c in calls if c.endswith(".safetensors")], calls
+    finally:
+        mem.rm("/remote-tok", recursive=True)
+
+
 # --------------------------------------------------------------------------- tokenizers
 
 
@@ -408,6 +473,38 @@ def test_raybig_gpt_export_loads_in_plain_transformers(tmp_path):
         assert (logits - ref).abs().max().item() < 1e-5
         assert res["gen"] == gen[0].tolist()
         assert res["text"] == tok.decode(gen[0, len(ids):].tolist())
+
+
+def test_end_of_run_sample_decodes_with_the_runs_tokenizer(tiny_dirs, tmp_path):
+    """The sample of a BPE run is BPE-decoded (not bytes); an HF model's export samples with transformers."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from raybig.model import GPT, GPTConfig
+    from raybig.train.export import write_export
+    from raybig.train.sample import generate_text
+
+    bpe = train_bpe(["def main(argv):\n    return len(argv)\n", "the cat sat on the mat\n"] * 40, 300)
+    torch.manual_seed(0)
+    gpt = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=64, vocab_size=bpe.vocab_size)).eval()
+    ex = write_export(str(tmp_path / "bpe"), gpt.state_dict(), gpt.config.to_dict(), tied=GPT.tied_keys,
+                      tokenizer=bpe)
+    prompt = "def main"
+    ids = bpe.encode(prompt)
+    with torch.no_grad():
+        want = gpt.generate(torch.tensor([ids]), 10, temperature=0.0)[0].tolist()
+    assert max(want) >= 256  # ids a byte decode would mangle
+    got = generate_text(ex, prompt, 10, temperature=0.0)
+    assert got == bpe.decode(want) and got.startswith(prompt)
+    assert got != BYTES.decode(want)
+    # A Llama export (plain save_pretrained, its own tokenizer): sampled by transformers.
+    folder = tiny_dirs["llama"]
+    tok = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    x = tok(prompt, return_tensors="pt")["input_ids"]
+    ref = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=6, do_sample=False,
+                         pad_token_id=tok.eos_token_id)[0].tolist()
+    assert generate_text(folder, prompt, 6, temperature=0.0) == tok.decode(ref, skip_special_tokens=True)
+    assert generate_text(folder, prompt, 6, temperature=0.8, seed=3) == generate_text(folder, prompt, 6, 0.8, seed=3)
 
 
 def test_export_is_atomic(tmp_path, monkeypatch):

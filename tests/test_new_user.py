@@ -262,10 +262,13 @@ def test_extending_steps_resumes_and_says_how_the_learning_rate_continues(tmp_pa
     assert plan.resume_step == 8 and not plan.complete and plan.changed == ["train.eval_every", "train.steps"]
     text = "\n".join(plan.notes)
     assert "resuming 'debug' from step 8" in text
-    # The old 8-step cosine ended at the floor; the 12-step one is higher at step 8: a warm restart.
+    # The old 8-step cosine ended at the floor: the extension continues there, no warm restart
+    # (the 12-step cosine re-stretched would have been higher at step 8).
     floor = 1e-3 * spec.train.min_lr_ratio
-    up = 1e-3 * lr_ratio(8, 12, 2, spec.train.min_lr_ratio)
-    assert up > floor and f"back up from {floor:.3g} to {up:.3g}" in text, text
+    assert 1e-3 * lr_ratio(8, 12, 2, spec.train.min_lr_ratio) > floor
+    assert plan.schedule_from is not None and plan.schedule_from.step == 8
+    assert plan.schedule_from.ratio == pytest.approx(spec.train.min_lr_ratio)
+    assert f"continues from {floor:.3g} at step 8 and stays at {floor:.3g}" in text, text
     # No checkpoint at all: the run starts over, whatever changed.
     fresh = check_resume_compatible(load_spec(DEBUG, [f"storage.path={tmp_path}/none"]), f"{tmp_path}/none/debug")
     assert fresh.resume_step is None and not fresh.notes

@@ -145,7 +145,7 @@ def test_plugin_model_trains(ray_local, storage_dir):
     text = (ROOT / "jobs/plugin_lstm.yaml").read_text()
     sys.path.insert(0, str(ROOT / "jobs"))
     spec = load_spec_text(text, overrides=[f"storage.path={storage_dir}", "train.steps=10", "train.eval_every=5",
-                                           "data.max_bytes=300000", "checkpoint.every=10"])
+                                           "data.max_tokens=300000", "checkpoint.every=10"])
     res = run_train(spec, python_path=[str(ROOT / "jobs")])
     vals = [h["val_loss"] for h in res.history if "val_loss" in h]
     assert res.metrics["step"] == 10 and vals[-1] < vals[0]

@@ -15,7 +15,8 @@ from pydantic import Field, field_validator, model_validator
 
 from raybig.spec.base import MAX_BYTES, NAME_RE, Bytes, Name, QueuedSpec, Strict, at
 
-__all__ = ["MAX_BYTES", "NAME_RE", "PRESETS", "Bytes", "CheckpointSpec", "DataSpec", "DeepSpeedSpec",
+__all__ = ["MAX_BYTES", "NAME_RE", "PRESETS", "Bytes", "CheckpointSpec", "ClassifierSpec", "DataSpec",
+           "DeepSpeedSpec", "EvalSpec", "MlflowSpec", "TrackingSpec",
            "FinetuneSpec", "ModelSpec", "Name", "QueuedSpec", "ResourcesSpec", "SampleSpec", "StorageSpec", "Strict",
            "TrainLoopSpec", "TrainSpec", "at"]
 
@@ -128,10 +129,120 @@ DEFAULT_BPE_VOCAB = 4096
 # --- data --------------------------------------------------------------------------------------
 
 
-class DataSpec(Strict):
-    """Text corpus: any fsspec URI or glob of text files, or `stdlib://` (Python's own sources)."""
+DEFAULT_PROMPT_TEMPLATE = "### Instruction:\n{prompt}\n\n### Response:\n"
+"""`data.prompt_template` of instruction data when none is given (Alpaca's layout)."""
 
-    path: str = Field("stdlib://", min_length=1, description="fsspec URI/glob of text files, or stdlib://.")
+_RECORD_EXT = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl", ".parquet": "parquet", ".pq": "parquet"}
+
+
+def _ext_format(path: str) -> str | None:
+    """`jsonl`/`parquet`/`text` from a path's extension; None when it names no extension (a folder)."""
+    if path.startswith("stdlib://"):
+        return "text"
+    base = path.rstrip("/").rsplit("/", 1)[-1].lower()
+    for ext, fmt in _RECORD_EXT.items():
+        if base.endswith(ext):
+            return fmt
+    return "text" if "." in base.lstrip(".") else None
+
+
+def _template_fields(template: str) -> list[str]:
+    import string
+
+    names: list[str] = []
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as e:
+        raise ValueError(f"is not a format template ({e}); write fields as {{name}} and a literal brace "
+                         "as {{ or }}") from None
+    for _, fld, _, _ in parsed:
+        if fld is None:
+            continue
+        name = fld.split(".")[0].split("[")[0]
+        if not name or name.isdigit():
+            raise ValueError("has a positional field ({} or {0}); name every field after a record field, "
+                             "e.g. {prompt}")
+        if name not in names:
+            names.append(name)
+    return names
+
+
+def _first_local_file(path: str) -> str | None:
+    """The first (sorted) non-empty local file a data path names, or None (remote, nothing, unreadable)."""
+    import glob
+
+    p = path.removeprefix("file://")
+    if "://" in p:
+        return None
+    p = os.path.expanduser(p)
+    if os.path.isdir(p):
+        for root, dirs, names in os.walk(p):
+            dirs.sort()
+            for n in sorted(names):
+                f = os.path.join(root, n)
+                if os.path.getsize(f):
+                    return f
+        return None
+    files = sorted(glob.glob(p, recursive=True)) if glob.has_magic(p) else [p]
+    return next((f for f in files if os.path.isfile(f) and os.path.getsize(f)), None)
+
+
+def _first_record(file: str, fmt: str) -> tuple[int, dict[str, Any]] | None:
+    """(line, record) of the first record of a local jsonl/parquet file; None if not an object."""
+    import json
+
+    if fmt == "parquet":
+        import pyarrow.parquet as pq
+
+        pf = pq.ParquetFile(file)
+        if pf.metadata.num_rows == 0:
+            return None
+        rows = pf.read_row_group(0).slice(0, 1).to_pylist()
+        return (1, rows[0]) if rows else None
+    with open(file, "rb") as fh:
+        for i, raw in enumerate(fh, 1):
+            if i > 1000:
+                return None
+            if raw.strip():
+                try:
+                    v = json.loads(raw)
+                except ValueError:
+                    return None  # a malformed line is a bad record: prepare reports or skips it
+                return (i, v) if isinstance(v, dict) else None
+    return None
+
+
+class DataSpec(Strict):
+    """Training data: text files, or jsonl/parquet records (text, instruction or chat examples).
+
+    Any path, glob, folder or fsspec URI (`s3://`, `gs://`), a list of them, or `stdlib://`
+    (Python's own sources). It is tokenized once into token shards (`raybig prepare`, or
+    automatically by `raybig run`) and each worker streams its own share of them.
+
+    What an example is follows from the fields given: `messages_field` (chat: a list of
+    `{role, content}` rendered with the tokenizer's chat template, loss on assistant turns),
+    `response_field` or `prompt_template` (instruction: the template filled from the record, then
+    the response; loss on the response only), else text (`text_field` of each record, or whole
+    text files; loss on every token).
+    """
+
+    path: str | list[str] = Field(
+        "stdlib://", description="Path, glob, folder or fsspec URI (s3://, gs://) of the data, a list of "
+        "them, or stdlib:// (Python's own sources).")
+    format: Literal["text", "jsonl", "parquet"] | None = Field(
+        None, description="How files are read: text (whole files), jsonl (one JSON object a line) or parquet. "
+        "Default: by each file's extension (.jsonl/.ndjson/.json, .parquet/.pq, else text).")
+    text_field: str | None = Field(
+        None, min_length=1, description="Record field holding the text (jsonl/parquet text data; default 'text').")
+    prompt_template: str | None = Field(
+        None, min_length=1, description="Instruction data: the prompt as a str.format template over record "
+        "fields, e.g. '### Instruction:\\n{prompt}\\n\\n### Response:\\n' (the default).")
+    response_field: str | None = Field(
+        None, min_length=1, description="Instruction data: the record field holding the response "
+        "(default 'response' when prompt_template is given). The loss is taken on it alone.")
+    messages_field: str | None = Field(
+        None, min_length=1, description="Chat data: the record field holding [{role, content}, ...]; the loss "
+        "is taken on assistant turns.")
     seq_len: int = Field(128, ge=8, le=131072, description="Tokens per training sequence.")
     tokenizer: Literal["bytes", "bpe", "model"] | None = Field(
         None, description="bytes (UTF-8 bytes, vocab 256), bpe (a byte-level BPE trained on the training "
@@ -139,15 +250,129 @@ class DataSpec(Strict):
         "model folder's own tokenizer). Default: model for `model.hf`, bytes otherwise.")
     vocab_size: int | None = Field(None, ge=257, le=1_000_000, description="BPE vocabulary size "
                                    "(tokenizer: bpe only; default 4096); the model's vocabulary follows it.")
-    val_fraction: float = Field(0.05, gt=0.0, lt=0.5, description="Share of the corpus held out.")
-    max_bytes: int = Field(16_000_000, ge=10_000, description="Read at most this many bytes of text.")
+    val_fraction: float = Field(0.05, ge=0.0, lt=0.5, description="Share of documents held out for validation, "
+                                "chosen by a seeded hash of each document (0: no validation split, no val_loss).")
+    split_seed: int = Field(0, ge=0, le=2**31 - 1, description="Seeds the document-level train/validation split.")
+    max_tokens: int | None = Field(None, ge=1, description="Use at most this many tokens of the corpus (whole "
+                                   "documents, in file order); default: all of it. The prepare summary says "
+                                   "how much of the corpus was used.")
+    max_bytes: int | None = Field(None, ge=10_000, description="Deprecated: use max_tokens (the limit now counts "
+                                  "tokens; with the bytes tokenizer one byte is one token).")
+    on_bad_record: Literal["fail", "skip"] = Field(
+        "fail", description="A malformed record (not JSON, a missing or non-string field): fail names its "
+        "file:line; skip counts it (the prepare summary lists the count and the first ones).")
+    shard_tokens: int = Field(1 << 26, ge=1024, le=1 << 40, description="Tokens per prepared shard file "
+                              "(a shard closes at the first document boundary past it).")
+    prepared_path: str | None = Field(None, min_length=1, description="Where prepared token shards go (any "
+                                      "fsspec URI); default <storage.path>/.prepared. One folder per "
+                                      "fingerprint of sources, tokenizer and options, reused while they match.")
+    packed: bool | None = Field(None, description="Pack whole examples into each seq_len row, each attending "
+                                "only within itself (raybig's GPT; see README for Hugging Face models). "
+                                "Default: true for instruction and chat data, false for text (random windows).")
+
+    @field_validator("path")
+    @classmethod
+    def _paths(cls, v: str | list[str]) -> str | list[str]:
+        items = [v] if isinstance(v, str) else v
+        if not items:
+            raise ValueError("give at least one path")
+        if any(not p for p in items):
+            raise ValueError("a path must not be empty")
+        return v
+
+    @field_validator("prompt_template")
+    @classmethod
+    def _template(cls, v: str | None) -> str | None:
+        if v is not None and not _template_fields(v):
+            raise ValueError("names no record field; write the prompt's field as {name}, e.g. {prompt}")
+        return v
 
     @model_validator(mode="after")
     def _check(self) -> DataSpec:
         if self.vocab_size is not None and self.tokenizer != "bpe":
             raise at("vocab_size", f"vocab_size sets the size of a trained BPE; it needs tokenizer: bpe "
                      f"(got tokenizer: {self.tokenizer or 'default'})")
+        if self.max_bytes is not None and self.max_tokens is not None:
+            raise at("max_bytes", "max_bytes is the deprecated name of max_tokens; give only max_tokens")
+        inst = [k for k in ("prompt_template", "response_field") if getattr(self, k) is not None]
+        if self.messages_field is not None and inst:
+            raise at(inst[0], f"{inst[0]} is for instruction data, messages_field for chat data; give one kind")
+        given = [k for k in ("messages_field", *inst) if getattr(self, k) is not None]
+        if self.text_field is not None and given:
+            raise at("text_field", f"text_field is for text records; {given[0]} makes these "
+                     f"{self.example_format()} examples: drop one")
+        record_fields = [k for k in ("text_field", *given) if getattr(self, k) is not None]
+        fmt = self.file_format()
+        if record_fields and fmt == "text":
+            how = "data.format is text" if self.format == "text" else \
+                f"data.path {self._paths_list()[0]!r} is read as text files"
+            raise at(record_fields[0], f"{record_fields[0]} names a field of jsonl or parquet records, but "
+                     f"{how} (set data.format: jsonl or parquet)")
+        if fmt in ("jsonl", "parquet"):
+            self._check_first_record(fmt)
         return self
+
+    def _check_first_record(self, fmt: str) -> None:
+        """The first record of the first local file has the fields this spec reads (cheap; remote skipped)."""
+        try:
+            file = _first_local_file(self._paths_list()[0])
+            first = _first_record(file, fmt) if file else None
+        except Exception:  # noqa: BLE001 - unreadable here: prepare reads it and reports it precisely
+            return
+        if first is None:
+            return
+        line, rec = first
+        kind = self.example_format()
+        needs: list[tuple[str, str]] = []  # (spec key, record field)
+        if kind == "text":
+            needs = [("text_field", self.text_field or "text")]
+        elif kind == "chat":
+            needs = [("messages_field", self.messages_field or "messages")]
+        else:
+            needs = [("prompt_template", f) for f in _template_fields(self.instruction_template())]
+            needs.append(("response_field", self.response_field or "response"))
+        for key, fld in needs:
+            if fld not in rec:
+                what = f"needs field {fld!r}" if key == "prompt_template" else f"names field {fld!r}"
+                raise at(key, f"{what}, which the data lacks ({file}:{line} has fields "
+                         f"{sorted(rec)[:10]})")
+
+    def _paths_list(self) -> list[str]:
+        return [self.path] if isinstance(self.path, str) else list(self.path)
+
+    def file_format(self) -> str | None:
+        """`format`, else the one format every path's extension implies; None when it varies per file."""
+        if self.format is not None:
+            return self.format
+        found = {_ext_format(p) for p in self._paths_list()}
+        return found.pop() if len(found) == 1 else None
+
+    def example_format(self) -> Literal["text", "instruction", "chat"]:
+        """What an example is: chat (messages_field), instruction (prompt_template/response_field), else text."""
+        if self.messages_field is not None:
+            return "chat"
+        if self.prompt_template is not None or self.response_field is not None:
+            return "instruction"
+        return "text"
+
+    def instruction_template(self) -> str:
+        """The prompt template of instruction data: prompt_template, else the Alpaca-style default."""
+        return self.prompt_template or DEFAULT_PROMPT_TEMPLATE
+
+    def token_limit(self) -> int | None:
+        """Tokens of the corpus to use: max_tokens, else the deprecated max_bytes, else None (all)."""
+        return self.max_tokens if self.max_tokens is not None else self.max_bytes
+
+    def is_packed(self) -> bool:
+        """Whether rows pack whole examples: `packed`, else True for instruction and chat data."""
+        return self.packed if self.packed is not None else self.example_format() != "text"
+
+    def deprecations(self) -> list[str]:
+        """One line per deprecated field in use (validate and run print them as warnings)."""
+        if self.max_bytes is None:
+            return []
+        return [f"data.max_bytes is deprecated: write data.max_tokens: {self.max_bytes} (the limit now counts "
+                "tokens, whole documents; with the bytes tokenizer one byte is one token)"]
 
     def bpe_vocab(self) -> int:
         """The BPE vocabulary size to train: vocab_size, or 4096 when unset."""
@@ -155,6 +380,13 @@ class DataSpec(Strict):
 
 
 # --- train loop --------------------------------------------------------------------------------
+
+
+class ScheduleFrom(Strict):
+    """Where a resumed run's learning-rate schedule continues from (set by raybig; see `TrainLoopSpec`)."""
+
+    step: int = Field(..., ge=1, description="The step the run resumed at.")
+    ratio: float = Field(..., ge=0.0, le=1.0, description="The schedule's lr ratio there (of `lr`).")
 
 
 class TrainLoopSpec(Strict):
@@ -174,6 +406,10 @@ class TrainLoopSpec(Strict):
     eval_batches: int = Field(8, ge=1, le=10_000, description="Micro batches per validation pass.")
     log_every: int = Field(10, ge=1, description="Report training metrics every N steps.")
     activation_checkpointing: bool = Field(False, description="Recompute block activations in backward.")
+    schedule_from: ScheduleFrom | None = Field(
+        None, description="Continue the learning rate from `ratio` x lr at `step` along a cosine to "
+        "min_lr_ratio by `steps`, instead of warmup + cosine from step 0. raybig sets it when a resumed "
+        "run's `steps` changed (raybig.train.compat), so the rate goes on from where it was.")
 
     @field_validator("betas")
     @classmethod
@@ -321,6 +557,111 @@ class FinetuneSpec(Strict):
         return self
 
 
+# --- evaluation, tracking, tasks (issue 17) ----------------------------------------------------
+
+
+class EvalSpec(Strict):
+    """What `raybig eval` measures, and what a train run measures once it has finished."""
+
+    tasks: list[str] = Field(default_factory=list, description="lm-eval tasks run offline on the export: "
+                             "shipped task names (`raybig_arith_mc`, `raybig_stdlib_docs`) or paths to "
+                             "lm-eval task YAMLs with local data files.")
+    perplexity: bool = Field(True, description="Perplexity and bits per byte on the held-out split "
+                             "(the very batches `val_loss` is computed on).")
+    at_end: bool = Field(True, description="Run this evaluation when training finishes (results in "
+                         "<run>/eval.json); false: only `raybig eval` runs it.")
+    batch_size: int = Field(8, ge=1, le=4096, description="lm-eval requests per forward pass.")
+    limit: int | None = Field(None, ge=1, description="At most this many documents per lm-eval task.")
+
+    @field_validator("tasks")
+    @classmethod
+    def _tasks(cls, v: list[str]) -> list[str]:
+        from raybig.errors import EvalTaskError
+        from raybig.spec.eval_tasks import is_task_path, load_task_config
+
+        out = []
+        for i, task in enumerate(v):
+            # A task file's relative path is the working directory's, as every path in a spec.
+            name = os.path.abspath(os.path.expanduser(task)) if is_task_path(task) else task
+            try:
+                load_task_config(name)
+            except EvalTaskError as e:
+                raise at(str(i), str(e)) from None
+            out.append(name)
+        if len(set(out)) != len(out):
+            raise ValueError("a task is listed twice")
+        return out
+
+
+TRACKING_SCHEMES = ("file", "sqlite", "http", "https", "databricks")
+"""MLflow tracking URI schemes raybig accepts (a plain path means a local file store)."""
+
+
+class MlflowSpec(Strict):
+    """An MLflow tracking store: a local file store (no server), a SQLite file, or a tracking server."""
+
+    tracking_uri: str = Field(..., min_length=1, description="file:///abs/dir (or a plain path), "
+                              "sqlite:///abs/mlflow.db, or http(s)://host:port of an `mlflow server`.")
+    experiment: str = Field("raybig", min_length=1, max_length=500,
+                            description="Experiment name (created if missing).")
+    log_export: bool = Field(True, description="Upload the export folder as the run's `export` artifacts.")
+
+    @field_validator("tracking_uri")
+    @classmethod
+    def _uri(cls, v: str) -> str:
+        from urllib.parse import urlparse
+
+        scheme = urlparse(v).scheme
+        if scheme == "":  # a plain path: the local file store there, made absolute now (workers' cwd differs)
+            from pathlib import Path
+
+            return Path(os.path.abspath(os.path.expanduser(v))).as_uri()
+        if scheme == "file" and not v.startswith("file:///"):
+            raise ValueError(f"{v!r}: a file store URI is file:///absolute/dir (three slashes)")
+        if scheme.split("+")[0] not in TRACKING_SCHEMES:
+            raise ValueError(f"{v!r}: unsupported scheme {scheme!r} (use file:///dir, sqlite:///file.db or "
+                             "http(s)://host:port)")
+        return v
+
+
+class TrackingSpec(Strict):
+    """Experiment tracking: parameters (the resolved spec, secrets as ${VAR}), metrics and the export."""
+
+    mlflow: MlflowSpec | None = Field(None, description="Log to MLflow from rank 0's reports; a store "
+                                      "that goes away mid-run turns tracking off, never the training.")
+
+
+class ClassifierSpec(Strict):
+    """A built-in classifier on labelled arrays (`task: classification`)."""
+
+    arch: Literal["mlp", "cnn"] = Field("mlp", description="mlp (flatten, hidden layers) or cnn (two 3x3 "
+                                        "conv layers, max-pool, an MLP head).")
+    hidden: list[int] = Field(default_factory=lambda: [128, 64], description="Hidden layer widths (mlp); "
+                              "the head's hidden width is the first (cnn).")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout after hidden layers (mlp).")
+    dataset: str = Field("digits", min_length=1, description="digits (scikit-learn's 8x8 digits, shipped, "
+                         "offline) or an .npz (any fsspec URI) with x_train, y_train, x_val, y_val, or x, y.")
+    val_fraction: float = Field(0.2, gt=0.0, lt=0.9, description="Held out when the dataset has no "
+                                "validation arrays (stratified, seeded by `seed`).")
+    num_classes: int | None = Field(None, ge=2, le=1_000_000, description="Classes; default: max label + 1.")
+
+    @field_validator("hidden")
+    @classmethod
+    def _hidden(cls, v: list[int]) -> list[int]:
+        if not v or any(h < 1 or h > 1_000_000 for h in v):
+            raise ValueError("give at least one width, each between 1 and 1e6")
+        return v
+
+    @field_validator("dataset")
+    @classmethod
+    def _dataset(cls, v: str) -> str:
+        if v == "digits":
+            return v
+        if not v.endswith(".npz"):
+            raise ValueError(f"{v!r}: use digits or an .npz file (x_train, y_train, x_val, y_val, or x, y)")
+        return v if "://" in v else os.path.abspath(os.path.expanduser(v))
+
+
 class TrainSpec(QueuedSpec):
     """A training job: one GPT (or plug-in) model trained with DeepSpeed ZeRO on Ray Train."""
 
@@ -338,6 +679,13 @@ class TrainSpec(QueuedSpec):
                                   "checkpoint URI.")
     sample: SampleSpec = Field(default_factory=SampleSpec)
     finetune: FinetuneSpec = Field(default_factory=FinetuneSpec)
+    task: Literal["causal_lm", "classification"] = Field(
+        "causal_lm", description="What training optimises: causal_lm (next-token prediction) or "
+        "classification (a `classifier` on labelled arrays; accuracy is reported with the loss).")
+    classifier: ClassifierSpec | None = Field(None, description="The classifier and its data "
+                                              "(task: classification; default: an MLP on digits).")
+    eval: EvalSpec | None = Field(None, description="Evaluation at the end of training and for `raybig eval`.")
+    tracking: TrackingSpec | None = Field(None, description="Experiment tracking (MLflow).")
 
     @model_validator(mode="after")
     def _check(self) -> TrainSpec:
@@ -348,7 +696,12 @@ class TrainSpec(QueuedSpec):
             raise at("deepspeed.precision", "fp16 is not supported by DeepSpeed's CPU accelerator; "
                      "use fp32 or bf16 (or gpus_per_worker > 0)")
         self._check_tokenizer_and_finetune()
-        if self.model.is_hf:
+        if self.task == "classification":
+            self._check_classification()
+        elif self.classifier is not None:
+            raise at("classifier", "classifier applies to task: classification (this spec's task is "
+                     f"{self.task})")
+        elif self.model.is_hf:
             self._check_hf()
         elif self.model.target is None:
             bs = self.model.gpt_shape()["block_size"]
@@ -356,7 +709,8 @@ class TrainSpec(QueuedSpec):
                 raise at("data.seq_len", f"seq_len={self.data.seq_len} exceeds the model's block_size={bs}")
         for sub, msg in check_extra(self):
             raise at(f"deepspeed.extra.{sub}", msg)
-        problem = check_fit(self)
+        # The ZeRO memory estimate models the GPT / Hugging Face model; a built-in classifier is tiny.
+        problem = check_fit(self) if self.task == "causal_lm" else None
         if problem:
             raise at("resources.memory_per_worker", problem)
         return self
@@ -376,6 +730,19 @@ class TrainSpec(QueuedSpec):
         if f.method == "lora" and not f.merge and not m.is_hf:
             raise at("finetune.merge", "merge: false writes a peft adapter for a Hugging Face base model; "
                      "raybig's GPT always exports merged weights")
+
+    def _check_classification(self) -> None:
+        # (A dumped spec lists the default model; only a model someone described is refused.)
+        if "model" in self.model_fields_set and self.model != ModelSpec(preset="gpt-tiny"):
+            raise at("model", "task: classification trains a built-in classifier; describe it under "
+                     "`classifier:` (arch, hidden) and drop `model:`")
+        if self.finetune.method != "full":
+            raise at("finetune.method", "LoRA applies to causal LMs; a classifier trains in full")
+        if self.init_from is not None:
+            raise at("init_from", "init_from is not supported for task: classification yet")
+        if self.eval is not None and self.eval.tasks:
+            raise at("eval.tasks", "lm-eval tasks score a causal LM; a classifier's accuracy is its "
+                     "`val_accuracy` (drop eval.tasks)")
 
     def _check_hf(self) -> None:
         from raybig.spec import hf_params as hp

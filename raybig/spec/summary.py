@@ -28,6 +28,15 @@ def train_memory_summary(spec: TrainSpec) -> dict[str, Any]:
     from raybig.spec.memory import EstimateUnavailable, estimate, human
 
     r, ds = spec.resources, spec.deepspeed
+    if spec.task == "classification":  # a built-in classifier: its size follows from the data's shape
+        c = spec.classifier
+        arch, hidden, data = (c.arch, c.hidden, c.dataset) if c else ("mlp", [128, 64], "digits")
+        line = f"classifier: {arch} (hidden {', '.join(map(str, hidden))}) on {data}"
+        if arch == "mlp" and data == "digits":  # 8x8 inputs, 10 classes
+            widths = [64, *hidden, 10]
+            n = sum(a * b + b for a, b in zip(widths, widths[1:], strict=False))
+            line += f": {n:,} parameters"
+        return {"lines": [f"{line}; ZeRO-{ds.zero_stage}, {r.workers} workers"]}
     try:
         est = estimate(spec)
     except EstimateUnavailable as e:  # a plug-in: its size is known only once built
@@ -48,7 +57,7 @@ def train_memory_summary(spec: TrainSpec) -> dict[str, Any]:
     if est.offloaded_bytes:
         lines.append(f"  of which offloaded to host RAM: {human(est.offloaded_bytes)} "
                      f"(offload_optimizer={ds.offload_optimizer}, offload_param={ds.offload_param})")
-    warnings = []
+    warnings = list(spec.data.deprecations())
     if r.memory_per_worker:
         lines.append(f"fits memory_per_worker {human(r.memory_per_worker)}")
     else:

@@ -10,7 +10,7 @@ import contextlib
 import importlib
 import inspect
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -79,30 +79,58 @@ class Built:
 
     Attributes:
         model: the module DeepSpeed wraps (a peft model for LoRA).
-        kind: "gpt" (raybig's), "hf" (transformers) or "plugin".
+        kind: "gpt" (raybig's), "hf" (transformers), "plugin", or "classifier" (`task: classification`).
         lora: whether only a LoRA adapter is trainable.
         keep: objects that must live as long as the model (transformers' ZeRO-3 config registration).
+        config: the export's model config when the spec alone does not give it (a classifier's).
+        task: the task strategy (`raybig.train.tasks`) scoring a classifier's logits.
+        metrics: named metrics of the last `loss` call beyond the loss (a classifier's `accuracy`).
+        val: the same, averaged over the last `loop.evaluate` (`val_` prefixed by `val_metrics`).
     """
 
     model: nn.Module
     kind: str
     lora: bool = False
     keep: Any = None
+    config: dict[str, Any] | None = None
+    task: Any = None
+    metrics: dict[str, float] = field(default_factory=dict)
+    val: dict[str, float] = field(default_factory=dict)
 
-    def loss(self, engine: Any, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def val_metrics(self) -> dict[str, float]:
+        """The last evaluation's extra metrics as `val_<name>` (empty for causal LMs)."""
+        return {f"val_{k}": v for k, v in self.val.items()}
+
+    def loss(self, engine: Any, x: torch.Tensor, y: torch.Tensor, positions: torch.Tensor | None = None,
+             doc_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Mean next-token cross-entropy, a float32 scalar on the device.
 
-        `x` (B, T) int64 token ids, `y` (B, T) int64 targets, `y[:, t]` the token after `x[:, t]`.
+        `x` (B, T) int64 token ids, `y` (B, T) int64 targets, `y[:, t]` the token after `x[:, t]`;
+        -100 (`raybig.data.shards.IGNORE_INDEX`) where no loss is taken (prompts, padding).
 
         transformers shifts `labels` by one itself; `shift_labels=y` hands it the already shifted
         targets, so every one of the T positions is scored, exactly as raybig's GPT does.
+
+        Packed rows (`positions`, `doc_ids`, both (B, T), from `raybig.data.shards.Batch`): raybig's
+        GPT keeps attention inside each example (a block-diagonal causal mask); a Hugging Face model
+        gets `position_ids` restarting per example and no attention mask, from which transformers'
+        masking utilities (5.x; the Llama, Qwen, Mistral, GPT-2 ... families) build the same
+        block-diagonal mask; a plug-in gets `(x, y)` only (its examples may see each other).
         """
+        if self.kind == "classifier":  # x (B, *example_shape) float32, y (B,) labels
+            loss, m = self.task.loss_and_metrics(engine, (x, y))
+            self.metrics = {k: v for k, v in m.items() if k != "loss"}
+            return loss
         if self.kind == "hf":
+            if positions is not None:
+                return engine(input_ids=x, labels=y, shift_labels=y, position_ids=positions).loss
             return engine(input_ids=x, labels=y, shift_labels=y).loss
         if self.kind == "plugin":  # the loss, (logits, loss) as nanoGPT, or .loss as Hugging Face
             from raybig.plugins import loss_of
 
             return loss_of(engine(x, y))
+        if doc_ids is not None:
+            return engine(x, y, positions=positions, doc_ids=doc_ids)
         return engine(x, y)
 
 
@@ -132,6 +160,10 @@ def build(spec: TrainSpec, ds_config: Mapping[str, Any] | None = None, vocab_siz
     """
     stage3 = bool(ds_config) and int((ds_config or {}).get("zero_optimization", {}).get("stage", 0)) == 3
     keep = None
+    if spec.task == "classification":
+        from raybig.train.classifiers import build_for_spec
+
+        return build_for_spec(spec)
     if spec.model.is_hf:
         from raybig.train import hf
 
@@ -204,9 +236,12 @@ TOKENIZER_FILE = "tokenizer.json"
 def run_tokenizer(spec: TrainSpec, run_dir: str | None, rank: int = 0, barrier: Any = None) -> Any:
     """The tokenizer this run trains with: bytes, the HF folder's own, or the run's BPE.
 
-    For `data.tokenizer: bpe` rank 0 trains a byte-level BPE on the training split (`data.vocab_size`)
-    unless `<run_dir>/tokenizer.json` exists (a resumed run reuses it), writes it there, and every
-    rank loads that one file after `barrier()`; without a run dir each rank trains the same one.
+    For `data.tokenizer: bpe` a byte-level BPE is trained on the training split (`data.vocab_size`)
+    once per run, unless `<run_dir>/tokenizer.json` exists (a resumed run reuses it), and written
+    there; every rank loads that one file. Under Ray Train it is trained in the driver before any
+    worker starts (`raybig.train.runner.prepare_data` calls this with rank 0 and no barrier), so the
+    workers only read it; another launcher (the benchmarks' torchrun loop) has rank 0 train it while
+    the others wait in `barrier()`. Without a run dir each rank trains the same one (deterministic).
 
     Returns:
         An object with `name`, `vocab_size`, `encode(str) -> list[int]`, `decode(ids) -> str`.

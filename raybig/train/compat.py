@@ -14,13 +14,17 @@ is compared with the run's recorded `spec.yaml` (`check_resume_compatible`):
 - the checkpoint is already at (or past) `train.steps` and the export exists: the run is complete;
   the plan carries its `TrainResult` and nothing needs to start.
 
-Learning-rate schedule on a resume that changes `train.steps`: DeepSpeed's WarmupCosineLR keeps only
-its step counter in a checkpoint, and its length comes from the new spec. The cosine is therefore
-re-stretched over the new `train.steps` and followed from the resumed step: extending a finished run
-raises the learning rate from the floor (`lr x min_lr_ratio`) back up to where the longer cosine is at
-that step, and it decays to the floor again by the new last step (a warm restart). The note says so,
-with the numbers. To keep training at the floor instead, extend with `train.min_lr_ratio: 1.0` and
-`train.lr` set to the old floor.
+Learning-rate schedule on a resume that changes `train.steps`: the schedule continues from where it
+was. DeepSpeed keeps only its step counter in a checkpoint, and a warmup-cosine rebuilt over the new
+length would jump (extending a finished run would climb from the floor back up the longer cosine).
+So the plan records `train.schedule_from = {step, ratio}`: the resumed step and the old schedule's
+ratio there (`raybig.spec.deepspeed.schedule_ratio`, the old schedule as recorded, itself possibly
+continued). From that step the rate follows a cosine from `ratio x lr` down to `min_lr_ratio x lr`
+at the new `train.steps`: no new warmup, no jump. Extending a run that already reached its floor
+stays at the floor; a run cut short mid-cosine decays over what is left; a run resumed while its
+warmup was still rising keeps warming up to the peak of the new length's cosine. The run's `spec.yaml`
+keeps `schedule_from`, so a later re-run (or a restart) follows the same curve, and a further change
+of `train.steps` continues from the continued curve. A changed `train.lr` scales the curve.
 """
 
 from __future__ import annotations
@@ -34,7 +38,8 @@ import yaml
 
 from raybig import storage
 from raybig.errors import ResumeMismatch
-from raybig.spec.models import TrainSpec
+from raybig.spec.deepspeed import schedule_ratio
+from raybig.spec.models import ScheduleFrom, TrainLoopSpec, TrainSpec
 from raybig.train.result import TrainResult, export_of
 
 SPEC_FILE = "spec.yaml"
@@ -44,10 +49,13 @@ SPEC_FILE = "spec.yaml"
 CARRIED = (
     "train.steps", "train.lr", "train.min_lr_ratio", "train.warmup_steps", "train.weight_decay",
     "train.betas", "train.grad_clip", "train.eval_every", "train.eval_batches", "train.log_every",
-    "train.activation_checkpointing", "train.micro_batch_size", "train.grad_accum",
+    "train.activation_checkpointing", "train.micro_batch_size", "train.grad_accum", "train.schedule_from",
     "checkpoint", "sample", "priority", "max_retries", "seed", "storage", "init_from",
     "resources.cpus_per_worker", "resources.memory_per_worker", "resources.custom",
-    "data.path", "data.max_bytes", "data.val_fraction", "model.dropout", "finetune.merge", "finetune.dropout",
+    "data.path", "data.max_bytes", "data.max_tokens", "data.val_fraction", "data.split_seed", "data.format",
+    "data.text_field", "data.prompt_template", "data.response_field", "data.messages_field",
+    "data.on_bad_record", "data.shard_tokens", "data.prepared_path", "data.packed", "model.dropout", "finetune.merge", "finetune.dropout",
+    "eval", "tracking", "classifier.dropout", "classifier.dataset", "classifier.val_fraction",
 )
 # Why a field cannot change under a checkpoint (the first matching prefix wins; anything that is
 # neither carried nor listed here is refused as "not carried by a checkpoint").
@@ -75,6 +83,8 @@ class ResumePlan:
         notes: lines for a person (what resumes, what changed, how the learning rate continues).
         complete: the run already reached `train.steps`; `result` is its result, nothing needs to run.
         result: the finished run's `TrainResult` when `complete`, else None.
+        schedule_from: where the learning-rate schedule continues from (`with_schedule` puts it in the
+            spec the run trains with), or None.
     """
 
     run_dir: str
@@ -83,6 +93,7 @@ class ResumePlan:
     notes: list[str] = field(default_factory=list)
     complete: bool = False
     result: TrainResult | None = None
+    schedule_from: ScheduleFrom | None = None
 
 
 def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
@@ -148,7 +159,7 @@ def lr_ratio(step: int, steps: int, warmup: int, min_ratio: float) -> float:
     """DeepSpeed WarmupCosineLR's learning-rate ratio after `step` steps of a `steps`-long schedule.
 
     Linear warmup over `warmup` steps (DeepSpeed uses at least 2), then a cosine to `min_ratio`,
-    clamped there past the end.
+    clamped there past the end (`schedule_ratio` of a schedule that was never continued).
     """
     w = max(2, warmup)
     if step < w:
@@ -157,24 +168,52 @@ def lr_ratio(step: int, steps: int, warmup: int, min_ratio: float) -> float:
     return min_ratio + (1 - min_ratio) * (1 + math.cos(math.pi * progress)) / 2
 
 
-def _schedule_note(old: dict[str, Any], spec: TrainSpec, step: int) -> str:
+def _old_train(old: dict[str, Any], spec: TrainSpec) -> TrainLoopSpec:
+    """The recorded run's train section (what its schedule was), new values where it says nothing."""
+    o = old.get("train") if isinstance(old.get("train"), dict) else {}
+    try:
+        return TrainLoopSpec.model_validate({**spec.train.model_dump(exclude={"schedule_from"}), **(o or {})})
+    except Exception:  # noqa: BLE001 - an older or hand-edited file: the fields it has, one by one
+        keep = {k: v for k, v in (o or {}).items() if k in ("steps", "lr", "min_lr_ratio", "warmup_steps")}
+        try:
+            return spec.train.model_copy(update={**keep, "schedule_from": None})
+        except Exception:  # noqa: BLE001
+            return spec.train
+
+
+def continued_schedule(old_train: TrainLoopSpec, new_train: TrainLoopSpec, step: int) -> ScheduleFrom | None:
+    """Where a resume at `step` continues the learning-rate schedule from (see the module docstring).
+
+    Returns:
+        `ScheduleFrom(step, the old schedule's ratio at step)` when `train.steps` changed (None while
+        the old warmup was still rising: the new schedule's warmup goes on from the same value); the
+        recorded `schedule_from` when it did not (a plain re-run keeps the continued curve); else None.
+    """
+    if new_train.schedule_from is not None:  # set by hand: the spec says where it continues
+        return new_train.schedule_from
+    if old_train.steps != new_train.steps:
+        if old_train.schedule_from is None and step < max(2, old_train.warmup):
+            return None  # still warming up: the new warmup-cosine rises exactly as the old one did
+        return ScheduleFrom(step=step, ratio=min(1.0, max(0.0, schedule_ratio(old_train, step))))
+    return old_train.schedule_from
+
+
+def with_schedule(spec: TrainSpec, plan: ResumePlan) -> TrainSpec:
+    """`spec` with the plan's `train.schedule_from` (unchanged when the plan has none)."""
+    if plan.schedule_from is None or spec.train.schedule_from == plan.schedule_from:
+        return spec
+    return spec.model_copy(update={"train": spec.train.model_copy(update={"schedule_from": plan.schedule_from})})
+
+
+def _schedule_note(old_train: TrainLoopSpec, spec: TrainSpec, f: ScheduleFrom) -> str:
     t = spec.train
-    o = old.get("train", {})
-    o_steps = int(o.get("steps", t.steps))
-    o_lr = float(o.get("lr", t.lr))
-    o_min = float(o.get("min_lr_ratio", t.min_lr_ratio))
-    o_warm = o.get("warmup_steps")
-    o_warm = min(20, o_steps // 10) if o_warm is None else int(o_warm)
-    before = o_lr * lr_ratio(step, o_steps, o_warm, o_min)
-    after = t.lr * lr_ratio(step, t.steps, t.warmup, t.min_lr_ratio)
+    before = old_train.lr * schedule_ratio(old_train, f.step)
+    now = t.lr * f.ratio
     floor = t.lr * t.min_lr_ratio
-    if abs(after - before) <= 1e-12 + 1e-6 * before:
-        return (f"learning rate: continues at {after:.3g} and follows the cosine over {t.steps} steps "
-                f"to {floor:.3g}")
-    way = "back up" if after > before else "down"
-    return (f"learning rate: the cosine is re-stretched over train.steps={t.steps} from step {step}, so "
-            f"it goes {way} from {before:.3g} to {after:.3g} and decays to {floor:.3g} by step {t.steps} "
-            f"(to stay at the floor instead, set train.lr={floor:.3g} and train.min_lr_ratio=1)")
+    scaled = f" (scaled from {before:.3g} by the new train.lr)" if abs(now - before) > 1e-12 + 1e-6 * before else ""
+    way = "stays at" if abs(now - floor) <= 1e-12 + 1e-6 * floor else "decays along a cosine to"
+    return (f"learning rate: continues from {now:.3g} at step {f.step}{scaled} and {way} {floor:.3g} by "
+            f"train.steps={t.steps}; no new warmup (train.schedule_from)")
 
 
 def check_resume_compatible(spec: TrainSpec, run_dir: str) -> ResumePlan:
@@ -194,7 +233,8 @@ def check_resume_compatible(spec: TrainSpec, run_dir: str) -> ResumePlan:
     new_flat = _flatten(spec.model_dump(mode="json"))
     old_flat = _flatten(old)
     changed = sorted(p for p in set(new_flat) | set(old_flat)
-                     if new_flat.get(p, None) != old_flat.get(p, None) and p not in ("name", "kind"))
+                     if new_flat.get(p, None) != old_flat.get(p, None) and p not in ("name", "kind")
+                     and not _under(p, "train.schedule_from"))  # raybig's own record, carried over
     plan.changed = changed
     if not has_ckpt:
         if changed:
@@ -222,8 +262,11 @@ def check_resume_compatible(spec: TrainSpec, run_dir: str) -> ResumePlan:
         return plan
     what = f"; changed: {', '.join(changed)}" if changed else ""
     plan.notes.append(f"resuming {spec.name!r} from {at} in {run_dir}{what}")
-    if step is not None and "train.steps" in changed:
-        plan.notes.append(_schedule_note(old, spec, step))
+    if step is not None:
+        old_train = _old_train(old, spec)
+        plan.schedule_from = continued_schedule(old_train, spec.train, step)
+        if "train.steps" in changed and plan.schedule_from is not None:
+            plan.notes.append(_schedule_note(old_train, spec, plan.schedule_from))
     if "init_from" in changed or (spec.init_from and has_ckpt):
         plan.notes.append("init_from is not used: the run resumes from its own checkpoint")
     return plan

@@ -78,13 +78,26 @@ def _locked(path: str) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def fetch_remote_folder(uri: str, cache_dir: str | None = None) -> str:
+def _is_weight_file(rel: str) -> bool:
+    name = rel.rsplit("/", 1)[-1]
+    return name.endswith((".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack")) and \
+        not name.endswith(".index.json")
+
+
+def fetch_remote_folder(uri: str, cache_dir: str | None = None, weights: bool = True) -> str:
     """Copy the remote folder `uri` (any fsspec URI) into the local cache once; return the local path.
 
     The cache entry is `<cache_dir>/<sha256 of uri + each file's name, size, mtime>[:16]`, so a
     changed file fetches a new copy. The copy goes to a temporary sibling, then is renamed into place:
     a crash mid-download leaves only a temporary folder, which the next call discards. A file lock
-    makes concurrent callers on one node (the ranks) wait for the first one's copy.
+    makes concurrent callers on one node (the ranks) wait for the first one's copy, so each node
+    downloads the folder once, whatever its number of ranks.
+
+    Args:
+        uri: the remote folder.
+        cache_dir: the local cache (default `default_cache_dir()`).
+        weights: False: leave the weight files out (config and tokenizer only, e.g. for the driver,
+            which needs the tokenizer but never the weights); a separate, small cache entry.
 
     Raises:
         ModelFolderError: the URI is not a folder.
@@ -100,7 +113,9 @@ def fetch_remote_folder(uri: str, cache_dir: str | None = None) -> str:
     for p, info in sorted(listing.items()):
         stamp = next((info[k] for k in ("mtime", "LastModified", "updated", "last_modified", "ETag", "etag")
                       if info.get(k) is not None), "")
-        entries.append((p[len(base):] if p.startswith(base) else p, int(info.get("size") or 0), str(stamp)))
+        rel = p[len(base):] if p.startswith(base) else p
+        if weights or not _is_weight_file(rel):
+            entries.append((rel, int(info.get("size") or 0), str(stamp)))
     key = hashlib.sha256(json.dumps([uri, entries]).encode()).hexdigest()[:16]
     root = cache_dir or default_cache_dir()
     final = os.path.join(root, key)
@@ -144,7 +159,8 @@ def resolve_model_source(source: str, trust_remote_code: bool = False, cache_dir
         source: see the module docstring.
         trust_remote_code: allow a folder whose model needs its own code.
         cache_dir: local cache for remote URIs (default `default_cache_dir()`).
-        require_weights: False when only the config is needed.
+        require_weights: False when only the config or tokenizer is needed (a remote folder is then
+            fetched without its weight files).
         hub_cache_dir: the Hugging Face cache (default: huggingface_hub's, from the environment).
 
     Raises:
@@ -155,7 +171,7 @@ def resolve_model_source(source: str, trust_remote_code: bool = False, cache_dir
     if source.startswith("file://"):
         source = source[len("file://"):]
     if "://" in source:
-        local = fetch_remote_folder(source, cache_dir)
+        local = fetch_remote_folder(source, cache_dir, weights=require_weights)
     elif os.path.exists(os.path.expanduser(source)) or not _looks_like_hub_id(source):
         local = os.path.abspath(os.path.expanduser(source))
     else:
@@ -276,6 +292,9 @@ def build_from_config(config: Mapping[str, Any] | str, dtype: Any = None, trust_
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    if isinstance(config, str) and not os.path.exists(os.path.expanduser(config)) and (
+            "://" in config or _looks_like_hub_id(config)):  # a remote folder or hub id: its config only
+        config = resolve_model_source(config, trust_remote_code, require_weights=False)
     cfg = _config_dict(config)
     where = config if isinstance(config, str) else "model.hf_config"
     check_architecture(cfg, trust_remote_code, where)

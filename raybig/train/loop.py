@@ -12,13 +12,14 @@ import resource
 import sys
 import tempfile
 import time
+import zlib
 from collections.abc import Iterator
 from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
 
-from raybig.data.text import Batches
+from raybig.data.shards import Batch, ShardBatches
 from raybig.spec.models import TrainSpec
 from raybig.tokenizer import BYTE_VOCAB
 from raybig.train.build import Built, build, gpt_config, run_tokenizer
@@ -100,8 +101,14 @@ def _barrier() -> None:
 
 
 def train_worker(spec: TrainSpec, rep: Reporter, run_dir: str | None,
-                 resume_from: str | None = None) -> dict[str, Any]:
-    """Run the whole job on this rank. Returns rank-local final metrics."""
+                 resume_from: str | None = None, prepared: str | None = None) -> dict[str, Any]:
+    """Run the whole job on this rank. Returns rank-local final metrics.
+
+    `prepared` is the token-shard set the driver prepared (`raybig.train.runner.prepare_data`); without
+    it (a launcher other than Ray Train), rank 0 prepares it in-process first. Each rank streams its own
+    share through `ShardBatches`: batch (step, micro) is a function of (seed, rank, step, micro), so a
+    run resumed at step N continues with exactly the batches it would have seen.
+    """
     import deepspeed
 
     disable_shm_comm_build()
@@ -128,6 +135,7 @@ def train_worker(spec: TrainSpec, rep: Reporter, run_dir: str | None,
         engine, _, _, _ = deepspeed.initialize(
             model=model, model_parameters=param_groups(model, t.weight_decay), config=ds_cfg)
         step = 0
+        ckpt_data: dict[str, Any] | None = None  # the data stream a resumed checkpoint was reading
         if resume is not None:
             from raybig.train.checkpoints import require_complete
             from raybig.train.export import weights_only_loads
@@ -141,33 +149,60 @@ def train_worker(spec: TrainSpec, rep: Reporter, run_dir: str | None,
             if client is None:
                 raise RuntimeError(f"no DeepSpeed checkpoint found in {resume}")
             step = int(client["step"])
+            ckpt_data = client.get("data")
 
     device = engine.device
-    batches = Batches.build(spec.data, t.micro_batch_size, spec.seed, rep.rank, rep.world_size,
-                            tokenizer=tokenizer)
+    if prepared is None and spec.task == "causal_lm":
+        prepared = _prepare_here(spec, run_dir, rep.rank, tokenizer)
+    batches: Any
+    if spec.task == "classification":  # labelled arrays, not token shards (raybig.train.classifiers)
+        from raybig.train.classifiers import batches_for_spec
+
+        batches = batches_for_spec(spec, rep.rank, rep.world_size)
+        has_val, data_state = True, {"prepared": "arrays", "world_size": rep.world_size}
+    else:
+        assert prepared is not None
+        batches = ShardBatches(prepared, spec.data.seq_len, t.micro_batch_size, spec.seed, rep.rank,
+                               rep.world_size, packed=spec.data.is_packed())
+        has_val = batches.val.n > 0  # data.val_fraction: 0 holds nothing out: no val_loss
+        data_state = {"prepared": batches.index["hash"], "world_size": rep.world_size}
     tokens_per_step = spec.tokens_per_step()  # Ray Train starts exactly resources.workers ranks
     last: dict[str, Any] = {"step": step}
     # Tell the first report after a restore where training picked up (tests and `status` read it).
     pending: dict[str, Any] = {"restored_step": step} if resume is not None else {}
-    if step == 0:
+    if ckpt_data and ckpt_data.get("prepared") != data_state["prepared"]:
+        # Sources, tokenizer or data options changed since the checkpoint: same step, another stream.
+        pending["data_changed_since_checkpoint"] = True
+    if step == 0 and has_val:
         last = {"step": 0, "val_loss": evaluate(engine, batches, t.eval_batches, device, built)}
+        last.update(built.val_metrics())  # a classifier's val_accuracy
         rep.report(last)
 
     # The loss stays on the device: reading it (.item()) every micro step would make the host wait
     # for the GPU each time; it is read once per log window, where the window's time is taken too.
     window_loss = torch.zeros((), dtype=torch.float32 if on_cuda else torch.float64, device=device)
     window_steps = 0
+    window_extra: dict[str, float] = {}  # a classifier's accuracy, summed like the loss
+    data_wait = 0.0  # seconds of this log window spent waiting for batches
+    digest = 0  # crc32 of this rank's input ids at micro step 0 of the last step
     t0 = time.perf_counter()
     dropout = spec.model.dropout > 0 or (lora and spec.finetune.dropout > 0)
     while step < t.steps:
         if dropout:
             torch.manual_seed(hash((spec.seed, rep.rank, step)) & 0x7FFFFFFF)
         for micro in range(t.grad_accum):
-            x, y = batches.train_batch(step, micro)
-            loss = built.loss(engine, x.to(device, non_blocking=True), y.to(device, non_blocking=True))
+            t_data = time.perf_counter()
+            bt = batches.get(step, micro)
+            if micro == 0:  # which rows of the stream this step read (a resumed run can be checked)
+                digest = zlib.crc32(bt.x.tobytes())
+            x, y, pos, docs = _on_device(bt, device, batches.packed)
+            data_wait += time.perf_counter() - t_data
+            loss = built.loss(engine, x, y, pos, docs)
             engine.backward(loss)
             engine.step()
             window_loss += loss.detach().to(window_loss.dtype) / t.grad_accum
+            for k, v in built.metrics.items():
+                window_extra[k] = window_extra.get(k, 0.0) + v / t.grad_accum
         window_steps += 1
         step += 1
 
@@ -184,21 +219,30 @@ def train_worker(spec: TrainSpec, rep: Reporter, run_dir: str | None,
                        "step_time_s": step_time, "tokens_per_s": tokens_per_step / max(step_time, 1e-9),
                        "tokens": step * tokens_per_step,
                        "samples": step * tokens_per_step // spec.data.seq_len,
-                       "peak_mem_bytes": int(peak)}
+                       "peak_mem_bytes": int(peak), "data_wait_frac": data_wait / max(window_time, 1e-9),
+                       "data_digest": digest}
+            if window_extra:  # e.g. accuracy, reported beside the loss
+                metrics.update(zip(window_extra, all_reduce([v / window_steps for v in window_extra.values()],
+                                                            device), strict=True))
+                window_extra = {}
             window_loss.zero_()
             window_steps = 0
+            data_wait = 0.0
         if pending and metrics:
             metrics.update(pending)
             pending = {}
-        if step % t.eval_every == 0 or done:
+        if (step % t.eval_every == 0 or done) and has_val:
             metrics.setdefault("step", step)
             metrics["val_loss"] = evaluate(engine, batches, t.eval_batches, device, built)
+            metrics.update(built.val_metrics())
         if step % spec.checkpoint.every == 0 or done:
             metrics.setdefault("step", step)
             t_ck = time.perf_counter()
             with tempfile.TemporaryDirectory(prefix="raybig-ckpt-") as tmp:
                 # LoRA: the frozen weights are not saved (they come back from the model folder).
-                engine.save_checkpoint(tmp, tag=f"step_{step:08d}", client_state={"step": step},
+                # The data position is the step itself (batches are keyed on it); the prepared set's
+                # hash and world size say which stream that step indexes.
+                engine.save_checkpoint(tmp, tag=f"step_{step:08d}", client_state={"step": step, "data": data_state},
                                        exclude_frozen_parameters=lora)
                 # This rank's file list, so a reader can tell a complete upload from a cut-short one.
                 write_manifest(tmp, rep.rank, rep.world_size, step)
@@ -216,17 +260,51 @@ def train_worker(spec: TrainSpec, rep: Reporter, run_dir: str | None,
     return last
 
 
+def _on_device(bt: Batch, device: torch.device, packed: bool,
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """(x, y, positions, doc_ids) of a batch as device tensors; positions/doc_ids only for packed rows."""
+    def put(a: Any) -> torch.Tensor:
+        return torch.from_numpy(a).to(device, non_blocking=True)
+
+    if not packed:
+        return put(bt.x), put(bt.y), None, None
+    return put(bt.x), put(bt.y), put(bt.positions), put(bt.doc_ids)
+
+
+def _prepare_here(spec: TrainSpec, run_dir: str | None, rank: int, tokenizer: Any) -> str:
+    """Without a driver-prepared set: rank 0 prepares (or finds) it, the others wait and open it."""
+    from raybig.data.prepare import prepare_spec, prepared_root
+
+    root = prepared_root(spec.data, spec.storage.path)
+    uri = prepare_spec(spec.data, root, tokenizer, use_ray=False).uri if rank == 0 else ""
+    _barrier()
+    return uri or prepare_spec(spec.data, root, tokenizer, use_ray=False).uri
+
+
 @torch.no_grad()
-def evaluate(engine: Any, batches: Batches, n: int, device: torch.device, built: Built | None = None) -> float:
-    """Mean validation loss over `n` micro batches, averaged over ranks (a Python float)."""
+def evaluate(engine: Any, batches: Any, n: int, device: torch.device, built: Built | None = None) -> float:
+    """Mean validation loss over `n` micro batches, averaged over ranks (a Python float).
+
+    `batches`: a `ShardBatches` (packed rows keep their example masks), or anything with
+    `val_batch(i) -> (x, y)`.
+    """
     engine.eval()
     total = torch.zeros((), dtype=torch.float64, device=device)
+    extra: dict[str, float] = {}  # named metrics beyond the loss (a classifier's accuracy)
     for i in range(n):
-        x, y = batches.val_batch(i)
-        loss = built.loss(engine, x.to(device), y.to(device)) if built is not None else engine(x.to(device), y.to(device))
+        if isinstance(batches, ShardBatches):
+            x, y, pos, docs = _on_device(batches.get_val(i), device, batches.packed)
+        else:
+            xv, yv = batches.val_batch(i)
+            x, y, pos, docs = xv.to(device), yv.to(device), None, None
+        loss = built.loss(engine, x, y, pos, docs) if built is not None else engine(x, y)
         total += loss.detach().to(torch.float64)
+        for k, v in (built.metrics if built is not None else {}).items():
+            extra[k] = extra.get(k, 0.0) + v
     engine.train()
     (mean,) = all_reduce([float(total) / n], device)
+    if built is not None:
+        built.val = dict(zip(extra, all_reduce([v / n for v in extra.values()], device), strict=True)) if extra else {}
     return mean
 
 
@@ -278,6 +356,8 @@ def export_final(engine: Any, spec: TrainSpec, run_dir: str, rank: int, built: B
         model_cfg = gpt_config(spec, vocab).to_dict() if spec.model.target is None else {
             "target": spec.model.target, "kwargs": dict(spec.model.kwargs),
             "vocab_size": spec.model.vocab_size or BYTE_VOCAB, "seq_len": spec.data.seq_len}
+        if built is not None and built.config:  # a classifier: its arch, example shape and classes
+            model_cfg = built.config
         # The export carries the tokenizer its ids belong to (write_export gained `tokenizer=` with
         # the HF-format export; until both land together, only pass it where it is accepted).
         kw = {"tokenizer": tokenizer} if "tokenizer" in inspect.signature(write_export).parameters else {}

@@ -78,9 +78,9 @@ def data_problems(spec: Any) -> list[str]:
                 hint = f" (relative paths resolve against {os.getcwd()})"
             return [f"data.path {p!r} matched no files{hint}"]
         files += found
-    if getattr(d, "format", "text") not in ("text", None, "auto"):
-        return []  # jsonl/parquet bytes are not text bytes
-    cap = int(getattr(d, "max_bytes", 0) or 0) or None
+    if d.example_format() != "text" or d.file_format() != "text":
+        return []  # record bytes are not text tokens: the driver checks every rank's prepared share
+    cap = d.token_limit()
     total = 0
     for f in files:
         total += os.path.getsize(f) + 2  # the loader separates files with two newlines

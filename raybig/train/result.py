@@ -78,6 +78,8 @@ class TrainResult:
         seconds: wall time of the run on the driver (s); None when rebuilt from files.
         seconds_to_first_step: driver wall time until step 1 was reported (s); None when unknown.
         sample: text generated from the export (`spec.sample`); None when not made.
+        evaluation: the spec's `eval:` section's results at the end of training
+            (`raybig.eval.run.EvalReport.to_json()`, or `{"error": ...}`); None when none ran.
     """
 
     name: str
@@ -93,6 +95,7 @@ class TrainResult:
     seconds: float | None = None
     seconds_to_first_step: float | None = None
     sample: str | None = None
+    evaluation: dict[str, Any] | None = None
 
     @classmethod
     def from_history(cls, name: str, run_dir: str, history: list[dict[str, Any]], **extra: Any) -> TrainResult:
@@ -134,7 +137,7 @@ class TrainResult:
         # What only the driver knew (timings, the sample), as the last run wrote it into run.json.
         done = _read_run_json(run_dir).get("result") or {}
         if isinstance(done, dict) and done.get("steps") == res.steps:
-            for key in ("seconds", "seconds_to_first_step", "sample", "resumed_from_step"):
+            for key in ("seconds", "seconds_to_first_step", "sample", "resumed_from_step", "evaluation"):
                 if done.get(key) is not None:
                     setattr(res, key, done[key])
         return res

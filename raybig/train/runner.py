@@ -73,13 +73,84 @@ def _worker_entry(config: dict[str, Any]) -> None:
 
     add_python_path(config.get("python_path", []))
     spec: TrainSpec = config["spec"]
-    train_worker(spec, _RayReporter(config.get("queue"), spec), config["run_dir"], config.get("resume_from"))
+    train_worker(spec, _RayReporter(config.get("queue"), spec), config["run_dir"], config.get("resume_from"),
+                 prepared=config.get("prepared"))
+
+
+def prepare_data(spec: TrainSpec, run_dir: str, storage_path: str | None = None,
+                 on_note: Callable[[str], None] | None = None) -> str:
+    """Tokenize `spec.data` into token shards once, or reuse the set whose fingerprint matches.
+
+    Runs where the trainer is built (the driver, or a sweep trial's task), before any worker starts:
+    the run's tokenizer (a BPE is trained into `run_dir` here), then `raybig.data.prepare.prepare_spec`
+    under `data.prepared_path` (default `<storage>/.prepared`), then every rank's share is checked
+    (`raybig.data.shards.check_shares`). One line about it goes to `on_note`.
+
+    Returns:
+        The prepared set's URI, which every worker opens with `ShardBatches`.
+
+    Raises:
+        raybig.data.sources.DataError (exit 2): no files, a bad record (`on_bad_record: fail`), a
+            template field the data lacks, a share too small for one row.
+    """
+    from raybig.data.prepare import describe, prepare_spec, prepared_root
+    from raybig.data.shards import check_shares
+
+    tok = None
+    if spec.tokenizer_kind() != "bytes":  # bytes need no torch import here
+        from raybig.train.build import run_tokenizer
+
+        tok = run_tokenizer(spec, run_dir, 0, None)
+    summary = prepare_spec(spec.data, prepared_root(spec.data, storage_path or spec.storage.path), tok)
+    check_shares(summary.uri, spec.data.seq_len, spec.train.micro_batch_size, spec.seed, spec.resources.workers,
+                 packed=spec.data.is_packed())
+    if on_note is not None:
+        on_note(describe(summary))
+    return summary.uri
+
+
+def prepare_only(spec: TrainSpec, address: str | None = None, use_ray: bool = True,
+                 progress: Callable[[Any], None] | None = None) -> Any:
+    """`raybig prepare`: tokenize a train spec's data into token shards once (or find them), train nothing.
+
+    Relative paths resolve against the working directory, as for `raybig run`; with `use_ray` the
+    tokenizing runs as Ray Data tasks on an embedded local Ray (or `address`).
+
+    Returns:
+        The `raybig.data.prepare.PrepareSummary` (`reused` when a matching set already existed).
+
+    Raises:
+        raybig.data.sources.DataError (exit 2), raybig.data.prepare.DataWriteError (exit 1).
+    """
+    from raybig.data.prepare import prepare_spec, prepared_root
+    from raybig.data.shards import check_shares
+    from raybig.spec.paths_resolve import resolve_paths
+
+    spec, _ = resolve_paths(spec)
+    tok = None
+    if spec.tokenizer_kind() != "bytes":
+        from raybig.train.build import run_tokenizer
+
+        tok = run_tokenizer(spec, run_dir_of(spec), 0, None)
+    if use_ray:
+        from raybig.cluster.ray_env import ensure_ray
+
+        ensure_ray(address)
+    summary = prepare_spec(spec.data, prepared_root(spec.data, spec.storage.path), tok, use_ray=use_ray,
+                           progress=progress)
+    check_shares(summary.uri, spec.data.seq_len, spec.train.micro_batch_size, spec.seed, spec.resources.workers,
+                 packed=spec.data.is_packed())
+    return summary
 
 
 def build_trainer(spec: TrainSpec, queue: Any = None, resume_from: str | None = None,
                   python_path: list[str] | None = None, callbacks: list[Any] | None = None,
-                  name: str | None = None, storage_path: str | None = None) -> Any:
-    """A TorchTrainer for `spec`. Re-running the same (storage, name) resumes automatically."""
+                  name: str | None = None, storage_path: str | None = None,
+                  on_note: Callable[[str], None] | None = None) -> Any:
+    """A TorchTrainer for `spec`. Re-running the same (storage, name) resumes automatically.
+
+    Prepares the data first (`prepare_data`: token shards made once, reused while unchanged).
+    """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -92,11 +163,14 @@ def build_trainer(spec: TrainSpec, queue: Any = None, resume_from: str | None = 
 
     spath, sfs = storage.ray_storage(storage_path or spec.storage.path)
     run_name = name or spec.name
+    run_dir = storage.join(storage_path or spec.storage.path, run_name)
+    # A classifier reads its labelled arrays in the workers (raybig.train.classifiers): no token shards.
+    prepared = prepare_data(spec, run_dir, storage_path, on_note) if spec.task == "causal_lm" else None
     return TorchTrainer(
         _worker_entry,
         train_loop_config={"spec": spec, "queue": queue, "resume_from": resume_from,
-                           "python_path": python_path or [],
-                           "run_dir": storage.join(storage_path or spec.storage.path, run_name)},
+                           "python_path": python_path or [], "prepared": prepared,
+                           "run_dir": run_dir},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=r.workers, use_gpu=use_gpu, resources_per_worker=per_worker),
         run_config=RunConfig(  # type: ignore[call-arg]  # Train v2's RunConfig (the stubs are v1's)
@@ -120,7 +194,8 @@ def write_run_record(spec: TrainSpec, run_dir: str) -> None:
 
 def run_train(spec: TrainSpec, address: str | None = None, resume_from: str | None = None,
               on_metrics: Callable[[dict[str, Any]], None] | None = None,
-              python_path: list[str] | None = None, verbose: bool = False, sample: bool = False) -> TrainResult:
+              python_path: list[str] | None = None, verbose: bool = False, sample: bool = False,
+              on_note: Callable[[str], None] | None = None) -> TrainResult:
     """Train `spec` on Ray (embedded unless `address`/RAY_ADDRESS); blocks until done.
 
     Re-running the same (storage, name) resumes from its latest checkpoint.
@@ -133,6 +208,7 @@ def run_train(spec: TrainSpec, address: str | None = None, resume_from: str | No
         python_path: folders added to sys.path on the workers (plug-in models).
         verbose: show Ray's and the workers' logs.
         sample: generate `spec.sample`'s text from the export at the end (loads the model here).
+        on_note: gets one line about the data (prepared now, or reused).
 
     Returns:
         The run's `TrainResult` (with driver timings and, if `spec.sample` asks, a text sample).
@@ -168,15 +244,26 @@ def run_train(spec: TrainSpec, address: str | None = None, resume_from: str | No
     plan = check_resume_compatible(spec, run_dir_of(spec))
     if plan.result is not None:
         return plan.result
+    from raybig.train.compat import with_schedule
+
+    spec = with_schedule(spec, plan)  # a changed train.steps continues the learning rate where it was
     # Before Ray starts: what no worker-group restart can fix (no data, too little of it, a
     # checkpoint from another world size) ends here in one line.
     preflight_run(spec, resume_from)
+    from raybig.train.tracking import RunTracking
+
+    tracking = RunTracking.for_spec(spec)  # an unreachable tracking store: TrackingError (exit 2), before Ray
+    if spec.task == "classification":  # arrays that do not fit (labels, shapes): one line, before Ray
+        from raybig.train.classifiers import split_for_spec
+
+        split_for_spec(spec)
     r = spec.resources
     ensure_ray(address, num_cpus=r.workers * r.cpus_per_worker + 1,
                use_gpu=r.gpus_per_worker > 0, verbose=verbose)
     check_gang_fits(spec.worker_bundle(), r.workers, f"train {spec.name!r}")  # refuse now, not after minutes
     run_dir = run_dir_of(spec)
     write_run_record(spec, run_dir)
+    tracking.start(spec, run_dir)  # params: the frozen spec (secrets as ${VAR}); never raises
     from raybig.train.checkpoints import recover_snapshot
 
     # A crash while Ray rewrote its checkpoint registry: resume from the newest complete folder.
@@ -204,6 +291,7 @@ def run_train(spec: TrainSpec, address: str | None = None, resume_from: str | No
             if not first_step_t and m.get("step", 0) > 0:
                 first_step_t.append(time.time() - t0)
             history.append(m)
+            tracking.log(m)  # rank 0's record, here on the driver: a dead store never stalls a worker
             if on_metrics:
                 on_metrics(m)
 
@@ -211,7 +299,8 @@ def run_train(spec: TrainSpec, address: str | None = None, resume_from: str | No
     pumper.start()
     first_step = max((h["step"] for h in history), default=0) or None
     try:
-        trainer = build_trainer(spec, queue, resume_from, python_path=python_path or [os.getcwd()])
+        trainer = build_trainer(spec, queue, resume_from, python_path=python_path or [os.getcwd()],
+                                on_note=on_note)
         try:
             result = trainer.fit()
         except SystemExit as e:
@@ -220,6 +309,9 @@ def run_train(spec: TrainSpec, address: str | None = None, resume_from: str | No
             raise KeyboardInterrupt from e
         except TrainingFailedError as e:  # Train v2's fit() raises once max_failures is spent
             raise TrainingFailed(_explain_failure(spec, e)) from e
+    except BaseException as e:
+        tracking.fail("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+        raise
     finally:
         stop.set()
         pumper.join(timeout=5)
@@ -228,13 +320,15 @@ def run_train(spec: TrainSpec, address: str | None = None, resume_from: str | No
         # Keep the history; a resumed run appends to it.
         storage.write_text(metrics_uri, "".join(json.dumps(h) + "\n" for h in dedupe_steps(history)))
     if result.error is not None:
+        tracking.fail()
         raise TrainingFailed(_explain_failure(spec, result.error)) from result.error
     export = export_of(run_dir)
+    tracking.finish(export)  # the export as artifacts; status FINISHED
     res = TrainResult.from_history(
         spec.name, run_dir, history, checkpoint=result.checkpoint.path if result.checkpoint else None,
         export_dir=export, resumed_from_step=plan.resume_step if plan.resume_step is not None else first_step,
         seconds_to_first_step=round(first_step_t[0], 1) if first_step_t else None)
-    if sample and export and spec.sample.max_new_tokens > 0:
+    if sample and export and spec.sample.max_new_tokens > 0 and spec.task == "causal_lm":
         res.sample = sample_text(export, spec)
     res.seconds = round(time.time() - t0, 1)
     from raybig.train.result import write_result
@@ -251,20 +345,10 @@ def _exists(uri: str) -> bool:
 
 
 def sample_text(export_dir: str, spec: TrainSpec) -> str:
-    """Text generated from the export by `spec.sample` (prompt, max_new_tokens, temperature, seed)."""
-    import torch
+    """Text generated from the export by `spec.sample`, with the run's tokenizer (`raybig.train.sample`)."""
+    from raybig.train.sample import sample_text as _sample
 
-    from raybig.tokenizer import decode, encode
-    from raybig.train.export import load_model
-
-    model, _ = load_model(export_dir)
-    generate: Any = getattr(model, "generate", None)  # plug-in models may not generate
-    if generate is None:
-        return ""
-    g = torch.Generator().manual_seed(spec.seed)
-    idx = torch.tensor([encode(spec.sample.prompt)], dtype=torch.long)
-    outp = generate(idx, spec.sample.max_new_tokens, temperature=spec.sample.temperature, generator=g)
-    return decode(outp[0].tolist())
+    return _sample(export_dir, spec)
 
 
 def _explain_failure(spec: TrainSpec, err: BaseException) -> str:
