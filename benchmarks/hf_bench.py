@@ -1,4 +1,4 @@
-"""Issue 14's benchmarks, each a ratio from one run with the two sides alternating. Prints markdown.
+"""Issue 14's benchmarks, each a ratio from one invocation (--step, --zinit alternate sides). Prints markdown.
 
     .venv/bin/python benchmarks/hf_bench.py --step     # HF GPT-2 124M: raybig vs plain DeepSpeed; LoRA vs full
     .venv/bin/python benchmarks/hf_bench.py --zinit    # peak RSS per rank building a GPT: zero.Init vs whole
