@@ -35,6 +35,17 @@ def ray_local():
 
 
 @pytest.fixture
+def one_torch_thread():
+    """One intra-op torch thread for the test: tiny models on a shared 2-core box only contend (10x slower)."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
 def storage_dir(tmp_path):
     return str(tmp_path / "runs")
 

@@ -13,15 +13,8 @@ from click.testing import CliRunner
 from raybig.cli import main
 from raybig.spec import freeze, load_spec_text
 
-pytestmark = pytest.mark.unit
+pytestmark = [pytest.mark.unit, pytest.mark.usefixtures("one_torch_thread")]
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def fake_run(tmp_path, tokenizer: str = "bytes", eval_section: str = ""):

@@ -11,38 +11,27 @@ import time
 
 import pytest
 from ray.job_submission import JobStatus
+from scheduler_fakes import JobDetails, job_metadata
 
 from raybig.scheduler import client, service
 from raybig.scheduler.meta import Phase
-from raybig.scheduler.policy import Demand, JobState, Node
+from raybig.scheduler.policy import JobState, Node
 
 pytestmark = pytest.mark.unit
 N = 10_000
 
 
-def _md(i: int) -> dict[str, str]:
-    return {"raybig": "1", "raybig_kind": "train", "raybig_name": f"j{i}", "raybig_priority": str(i % 3),
-            "raybig_max_retries": "0", "raybig_user": "u", "raybig_submitted_at": f"{1000.0 + i:.6f}",
-            "raybig_spec_hash": "abc", "raybig_demand": json.dumps(Demand.of(2, {"CPU": 1.0}, {"CPU": 0.5})
-                                                                    .to_json(), separators=(",", ":"))}
 
 
-class _Details:
-    """What the Jobs API's list_jobs returns per job (the fields the client reads)."""
-
-    def __init__(self, sid: str, status: str, md: dict[str, str] | None, message: str = ""):
-        self.submission_id = self.job_id = sid
-        self.status, self.metadata, self.message = status, md, message
-        self.entrypoint, self.start_time = "python -m raybig.entrypoint", 0
 
 
 class _NoLogs:
     """A Jobs API client whose log reads fail the test."""
 
-    def __init__(self, jobs: list[_Details]):
+    def __init__(self, jobs: list[JobDetails]):
         self.jobs = jobs
 
-    def list_jobs(self) -> list[_Details]:
+    def list_jobs(self) -> list[JobDetails]:
         return self.jobs
 
     def get_job_logs(self, jid: str) -> str:
@@ -51,7 +40,7 @@ class _NoLogs:
 
 def _queue_of_10k(monkeypatch):
     """A scheduler core after one tick over N alive jobs: a few run, one failed, the rest wait."""
-    alive = {f"raybig-j{i}": (JobStatus.RUNNING, _md(i)) for i in range(N)}
+    alive = {f"raybig-j{i}": (JobStatus.RUNNING, job_metadata(i)) for i in range(N)}
     monkeypatch.setattr(service, "scheduler_observe", lambda jobs, newly: None)
     core = service.SchedulerCore(lambda: dict(alive), lambda ids: {}, lambda: [Node({"CPU": 4.0}, {"CPU": 4.0})] * 2,
                                  quotas=lambda: {}, log=lambda line: None)
@@ -78,8 +67,8 @@ def test_listing_10k_queued_jobs_from_the_board_reads_no_log(monkeypatch, tmp_pa
     body = service.write_board(board, path=str(path))
     assert service.write_board(board, body, path=str(path)) is body  # unchanged: not rewritten
     parsed = json.loads(path.read_text())
-    jobs = [_Details(jid, "RUNNING", md) for jid, (_, md) in alive.items()]
-    jobs.append(_Details("raybig-failed", "FAILED", _md(N), "Job entrypoint command failed with exit code 1."))
+    jobs = [JobDetails(jid, "RUNNING", md) for jid, (_, md) in alive.items()]
+    jobs.append(JobDetails("raybig-failed", "FAILED", job_metadata(N), "Job entrypoint command failed with exit code 1."))
     monkeypatch.setattr(client, "connect", lambda address: (_NoLogs(jobs), "http://fake:8265"))
     monkeypatch.setattr(client, "fetch_board", lambda c, url: parsed)
     t0 = time.perf_counter()
@@ -118,7 +107,7 @@ def test_listing_10k_queued_jobs_from_the_board_reads_no_log(monkeypatch, tmp_pa
 
 def test_without_a_board_only_a_few_logs_are_read(monkeypatch):
     """An older scheduler (no board): up to LOG_FALLBACK_MAX holders' logs, never one per queued job."""
-    jobs = [_Details(f"raybig-j{i}", "RUNNING", _md(i)) for i in range(client.LOG_FALLBACK_MAX + 1)]
+    jobs = [JobDetails(f"raybig-j{i}", "RUNNING", job_metadata(i)) for i in range(client.LOG_FALLBACK_MAX + 1)]
     monkeypatch.setattr(client, "connect", lambda address: (_NoLogs(jobs), "http://fake:8265"))
     monkeypatch.setattr(client, "fetch_board", lambda c, url: None)
     views = client.list_views(None)

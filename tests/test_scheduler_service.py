@@ -2,32 +2,27 @@
 
 from __future__ import annotations
 
-import json
 import time
 
 import pytest
 from ray.job_submission import JobStatus
+from scheduler_fakes import JobDetails, job_metadata
 
 from raybig.scheduler import service
 from raybig.scheduler.meta import Phase
-from raybig.scheduler.policy import Decision, Demand, Node
+from raybig.scheduler.policy import Decision, Node
 
 pytestmark = pytest.mark.unit
 N = 10_000
 
 
-def _md(i: int) -> dict[str, str]:
-    return {"raybig": "1", "raybig_kind": "train", "raybig_name": f"j{i}", "raybig_priority": str(i % 3),
-            "raybig_max_retries": "0", "raybig_user": "u", "raybig_submitted_at": f"{1000.0 + i:.6f}",
-            "raybig_spec_hash": "abc", "raybig_demand": json.dumps(Demand.of(2, {"CPU": 1.0}, {"CPU": 0.5})
-                                                                    .to_json(), separators=(",", ":"))}
 
 
 class FakeRay:
     """A job table of N alive jobs (as the State API lists them) and a KV of ended ones."""
 
     def __init__(self) -> None:
-        self.alive = {f"raybig-j{i}": (JobStatus.RUNNING, _md(i)) for i in range(N)}
+        self.alive = {f"raybig-j{i}": (JobStatus.RUNNING, job_metadata(i)) for i in range(N)}
         self.ended: dict[str, tuple[JobStatus, dict[str, str]]] = {}
         self.lookups: list[str] = []
 
@@ -66,7 +61,7 @@ def test_tick_parses_metadata_once_and_looks_up_only_vanished_jobs(monkeypatch):
     for i in range(3):
         core.heartbeat(f"raybig-j{i}", Phase.RUNNING, {})
         fake.end(f"raybig-j{i}")
-    fake.alive.update({f"raybig-new{i}": (JobStatus.PENDING, _md(N + i)) for i in range(2)})
+    fake.alive.update({f"raybig-new{i}": (JobStatus.PENDING, job_metadata(N + i)) for i in range(2)})
     core.tick()
     assert core.parses == N + 2
     assert sorted(fake.lookups) == [f"raybig-j{i}" for i in range(3)]
@@ -102,13 +97,6 @@ def test_steady_tick_overhead_at_10k_jobs(monkeypatch):
 
 # --- the client side: `raybig list --all` / `queue` without a log read per job ------------------------
 
-class _Details:
-    """What the Jobs API's list_jobs returns per job (the fields the client reads)."""
-
-    def __init__(self, sid: str, status: str, md: dict[str, str] | None, message: str = ""):
-        self.submission_id = self.job_id = sid
-        self.status, self.metadata, self.message = status, md, message
-        self.entrypoint, self.start_time = "python -m raybig.entrypoint", 0
 
 
 def test_list_all_shows_the_holders_cause_from_rays_message(monkeypatch):
@@ -123,14 +111,14 @@ def test_list_all_shows_the_holders_cause_from_rays_message(monkeypatch):
                                  "retried: a restart cannot fix this): FileNotFoundError: data.path 'x' "
                                  "matched no files (rank 0)"),
                       "[raybig] failed after 1 attempt(s): TrainingFailed: ..."])
-    jobs = [_Details("raybig-failed", "FAILED", _md(1), "Job entrypoint command failed with exit code 1, last "
+    jobs = [JobDetails("raybig-failed", "FAILED", job_metadata(1), "Job entrypoint command failed with exit code 1, last "
                      "available logs (truncated to 20,000 chars):\n" + tail),
-            _Details("raybig-crashed", "FAILED", _md(2), "Job entrypoint command failed with exit code 1, last "
+            JobDetails("raybig-crashed", "FAILED", job_metadata(2), "Job entrypoint command failed with exit code 1, last "
                      "available logs (truncated to 20,000 chars):\nTraceback (most recent call last):\n"
                      "  File \"x.py\", line 1\nModuleNotFoundError: No module named 'raybig'"),
-            _Details("raybig-queued", "RUNNING", _md(3)),
-            _Details("raybig-waiting", "PENDING", _md(4)),
-            _Details("other", "FAILED", None, "Job entrypoint command failed with exit code 3.")]
+            JobDetails("raybig-queued", "RUNNING", job_metadata(3)),
+            JobDetails("raybig-waiting", "PENDING", job_metadata(4)),
+            JobDetails("other", "FAILED", None, "Job entrypoint command failed with exit code 3.")]
     fetched: list[str] = []
 
     class Fake:
