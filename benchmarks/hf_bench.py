@@ -60,7 +60,7 @@ kind: train
 name: {name}
 seed: 0
 model: {{hf_config: {GPT2_124M}}}
-data: {{path: "stdlib://", seq_len: {seq}, max_bytes: 2000000}}
+data: {{path: "stdlib://", seq_len: {seq}, max_tokens: 2000000}}
 {ft}train: {{steps: {steps}, micro_batch_size: {mbs}, lr: 1.0e-4, warmup_steps: 1, eval_every: 100000,
         eval_batches: 1, log_every: {log_every}}}
 deepspeed: {{zero_stage: 2}}
@@ -195,7 +195,7 @@ kind: train
 name: {name}
 seed: 0
 model: {{preset: {args.bpe_preset}}}
-data: {{path: "stdlib://", seq_len: {args.bpe_seq}, max_bytes: {args.bpe_bytes}{tok}}}
+data: {{path: "stdlib://", seq_len: {args.bpe_seq}, max_tokens: {args.bpe_bytes}{tok}}}
 train: {{steps: {args.bpe_steps}, micro_batch_size: {args.bpe_mbs}, lr: 2.0e-3, warmup_steps: 20,
         eval_every: {args.bpe_steps}, eval_batches: {args.eval_batches}, log_every: 10}}
 deepspeed: {{zero_stage: 2}}

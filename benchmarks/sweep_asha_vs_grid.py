@@ -24,7 +24,7 @@ storage: {{path: {storage}}}
 base:
   seed: 1
   model: {{preset: gpt-debug}}
-  data: {{seq_len: 64, max_bytes: 400000}}
+  data: {{seq_len: 64, max_tokens: 400000}}
   train: {{steps: {steps}, micro_batch_size: 8, warmup_steps: 2, eval_every: {grace}, eval_batches: 4,
           log_every: {grace}}}
   deepspeed: {{zero_stage: 2}}

@@ -19,7 +19,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 TRAIN = """kind: train
 name: {name}
 model: {model}
-data: {{path: "stdlib://", seq_len: 32, max_bytes: 20000}}
+data: {{path: "stdlib://", seq_len: 32, max_tokens: 20000}}
 train: {{steps: 2, micro_batch_size: 2, eval_every: 2, eval_batches: 1, log_every: 1}}
 deepspeed: {{zero_stage: 0}}
 resources: {{workers: 1, cpus_per_worker: 1}}

@@ -21,7 +21,7 @@ from raybig.cli.interrupt import descendants
 SPEC = """kind: train
 name: gpu-wait
 model: {preset: gpt-debug}
-data: {path: "stdlib://", seq_len: 32, max_bytes: 20000}
+data: {path: "stdlib://", seq_len: 32, max_tokens: 20000}
 train: {steps: 2, micro_batch_size: 2, eval_every: 2, eval_batches: 1, log_every: 1}
 deepspeed: {zero_stage: 0}
 resources: {workers: 1, cpus_per_worker: 1, gpus_per_worker: 1}

@@ -329,7 +329,7 @@ kind: train
 name: z3
 seed: 3
 model: {{preset: gpt-debug}}
-data: {{seq_len: 32, max_bytes: 100000}}
+data: {{seq_len: 32, max_tokens: 100000}}
 train: {{steps: 3, micro_batch_size: 2, lr: 3.0e-3, warmup_steps: 1, eval_every: 3, eval_batches: 1, log_every: 1}}
 deepspeed: {{zero_stage: 3}}
 resources: {{workers: 2, cpus_per_worker: 1}}

@@ -28,7 +28,7 @@ kind: train
 name: {name}
 seed: 1
 model: {{hf: {folder}}}
-data: {{seq_len: 32, max_bytes: 200000}}
+data: {{seq_len: 32, max_tokens: 200000}}
 train: {{steps: 12, micro_batch_size: 4, lr: 3.0e-3, warmup_steps: 1, eval_every: 6, eval_batches: 2, log_every: 1}}
 deepspeed: {{zero_stage: 2}}
 resources: {{workers: 2, cpus_per_worker: 1}}
@@ -112,7 +112,7 @@ kind: train
 name: bpe
 seed: 3
 model: {{preset: gpt-debug}}
-data: {{seq_len: 32, max_bytes: 200000, tokenizer: bpe, vocab_size: 512}}
+data: {{seq_len: 32, max_tokens: 200000, tokenizer: bpe, vocab_size: 512}}
 train: {{steps: 12, micro_batch_size: 4, lr: 3.0e-3, warmup_steps: 1, eval_every: 6, eval_batches: 2, log_every: 1}}
 deepspeed: {{zero_stage: 2}}
 resources: {{workers: 2, cpus_per_worker: 1}}
@@ -157,7 +157,7 @@ kind: train
 name: cfg-lora3
 seed: 2
 model: {{hf_config: {TINY_LLAMA_CONFIG}}}
-data: {{seq_len: 32, max_bytes: 200000}}
+data: {{seq_len: 32, max_tokens: 200000}}
 finetune: {{method: lora, r: 4, alpha: 8, dropout: 0.0, target_modules: all-linear, merge: false}}
 train: {{steps: 8, micro_batch_size: 4, lr: 1.0e-2, warmup_steps: 1, eval_every: 4, eval_batches: 2, log_every: 1}}
 deepspeed: {{zero_stage: 3}}

@@ -234,8 +234,8 @@ def test_a_spec_the_checkpoint_cannot_carry_is_one_line_and_leaves_spec_yaml(tmp
     assert "train.steps" not in line  # a carried change is not blamed
     assert pathlib.Path(spec_yaml).read_text() == before
     assert not started and time.time() - t0 < 30
-    for override, field in [("resources.workers=1", "resources.workers"), ("deepspeed.zero_stage=3",
-                                                                           "deepspeed.zero_stage")]:
+    # (resources.workers is carried: another worker count converts the checkpoint, raybig.train.universal)
+    for override, field in [("deepspeed.zero_stage=3", "deepspeed.zero_stage")]:
         res = CliRunner().invoke(main, ["run", DEBUG, "--set", f"storage.path={storage}", "--set", override])
         assert field in _one_line_error(res)
 

@@ -131,7 +131,7 @@ base:
   kind: train
   name: trial
   model: {preset: gpt-debug}
-  data: {path: "stdlib://", seq_len: 32, max_bytes: 200000}
+  data: {path: "stdlib://", seq_len: 32, max_tokens: 200000}
   train: {steps: 8, micro_batch_size: 4, lr: 0.003, warmup_steps: 1, eval_every: 2, log_every: 2}
 search:
   train.lr: {grid: [3.0, 0.003]}

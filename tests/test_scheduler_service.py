@@ -71,7 +71,7 @@ def test_tick_parses_metadata_once_and_looks_up_only_vanished_jobs(monkeypatch):
 def test_audit_line_names_only_changes(monkeypatch):
     fake = FakeRay()
     admit = ["raybig-j1"]
-    core, lines = _core(fake, monkeypatch, decide=lambda jobs, nodes, quotas: Decision(admit=list(admit)))
+    core, lines = _core(fake, monkeypatch, decide=lambda jobs, nodes, quotas, *_: Decision(admit=list(admit)))
     core.tick()
     assert len(lines) == 1 and f"{N} jobs" in lines[0]
     lines.clear()
@@ -85,7 +85,7 @@ def test_audit_line_names_only_changes(monkeypatch):
 def test_steady_tick_overhead_at_10k_jobs(monkeypatch):
     """Benchmark-style: the non-policy part of a steady tick at 10,000 jobs (decide stubbed out)."""
     fake = FakeRay()
-    core, _ = _core(fake, monkeypatch, decide=lambda jobs, nodes, quotas: Decision())
+    core, _ = _core(fake, monkeypatch, decide=lambda jobs, nodes, quotas, *_: Decision())
     core.tick()
     t0 = time.perf_counter()
     for _ in range(3):

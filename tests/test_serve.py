@@ -28,7 +28,7 @@ TRAIN = """
 kind: train
 name: serve-ckpt
 model: {{preset: gpt-debug}}
-data: {{path: "stdlib://", seq_len: 64, max_bytes: 200000}}
+data: {{path: "stdlib://", seq_len: 64, max_tokens: 200000}}
 train: {{steps: 200, micro_batch_size: 16, lr: 2.0e-3, warmup_steps: 10, eval_every: 200, eval_batches: 2,
          log_every: 50}}
 deepspeed: {{zero_stage: 0}}

@@ -17,7 +17,7 @@ sweep:
   name: t-pipe-sweep
   base:
     model: {{preset: gpt-debug}}
-    data: {{path: "stdlib://", seq_len: 32, max_bytes: 100000}}
+    data: {{path: "stdlib://", seq_len: 32, max_tokens: 100000}}
     train: {{steps: 4, micro_batch_size: 4, warmup_steps: 1, eval_every: 4, eval_batches: 1, log_every: 2}}
     deepspeed: {{zero_stage: 0}}
     resources: {{workers: 1, cpus_per_worker: 1}}

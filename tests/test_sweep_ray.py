@@ -24,7 +24,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 BASE = """\
   seed: 3
   model: {preset: gpt-debug}
-  data: {seq_len: 32, max_bytes: 200000}
+  data: {seq_len: 32, max_tokens: 200000}
   train: {steps: 8, micro_batch_size: 4, lr: 3.0e-3, warmup_steps: 1, eval_every: 4, eval_batches: 2, log_every: 2}
   deepspeed: {zero_stage: 2}
   resources: {workers: 2, cpus_per_worker: 0.5}

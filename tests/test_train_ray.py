@@ -25,7 +25,7 @@ kind: train
 name: {name}
 seed: 3
 model: {{preset: gpt-debug}}
-data: {{seq_len: 32, max_bytes: 300000}}
+data: {{seq_len: 32, max_tokens: 300000}}
 train: {{steps: 6, micro_batch_size: 4, lr: 3.0e-3, warmup_steps: 1, eval_every: 3, eval_batches: 2, log_every: 1}}
 deepspeed: {{zero_stage: 2}}
 resources: {{workers: 2, cpus_per_worker: 1}}

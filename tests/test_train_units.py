@@ -17,7 +17,7 @@ pytestmark = pytest.mark.unit
 
 
 def spec(**sets):
-    base = "kind: train\nname: u\nmodel: {preset: gpt-debug}\ndata: {seq_len: 64, max_bytes: 200000}\n"
+    base = "kind: train\nname: u\nmodel: {preset: gpt-debug}\ndata: {seq_len: 64, max_tokens: 200000}\n"
     return load_spec_text(base, overrides=[f"{k}={v}" for k, v in sets.items()])
 
 

@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from raybig import __version__
-from raybig.errors import EXIT_FAILED, EXIT_INTERRUPTED, RaybigError, SpecError
+from raybig.errors import EXIT_FAILED, RaybigError, SpecError
 from raybig.spec import load_spec
 
 console = Console(stderr=True, highlight=False)
@@ -68,10 +68,9 @@ class RaybigGroup(click.Group):
             raise  # usage errors, --help, explicit exits: click prints them
         except KeyboardInterrupt:
             _traceback(ctx)
-            from raybig.cli.interrupt import announce
+            from raybig.cli.interrupt import exit_interrupted
 
-            announce(console)
-            sys.exit(EXIT_INTERRUPTED)
+            exit_interrupted(console)
         except Exception as e:  # noqa: BLE001 - the edge: every failure is one line
             _traceback(ctx)
             from raybig.errors import first_line
@@ -210,11 +209,10 @@ def run(spec_path: str, overrides: tuple[str, ...], address: str | None, resume_
         result = run_spec(spec, address=address, resume_from=resume_from, python_path=[os.getcwd(), spec_dir],
                           verbose=verbose, hooks=hooks)
     except KeyboardInterrupt:
-        from raybig.cli.interrupt import announce
+        from raybig.cli.interrupt import exit_interrupted
 
-        announce(console, "interrupted: workers stopped; the last checkpoint is kept and `raybig run` on the "
-                          "same spec resumes from it.")
-        sys.exit(EXIT_INTERRUPTED)
+        exit_interrupted(console, "interrupted: workers stopped; the last checkpoint is kept and `raybig run` on "
+                                  "the same spec resumes from it.")
     if as_json:
         out.print_json(json.dumps(result.to_json() if isinstance(result, TrainResult) else result, default=str))
     elif isinstance(result, TrainResult):

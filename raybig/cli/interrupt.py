@@ -13,6 +13,9 @@ Ray's `atexit` shutdown can hang the same way. So while a command runs, `interru
   stops every process this command started (its descendants: an embedded Ray's GCS, raylet,
   dashboard and workers; SIGTERM, then SIGKILL after 2 s) and exits 130 without further cleanup.
 
+The CLI's own `interrupted` exits end the same way (`exit_interrupted`), never through Python's
+normal shutdown, whose exit hooks can crash on the half-stopped Ray threads.
+
 On a cluster (`--address`), the driver's actors and workers die with the driver process.
 """
 
@@ -30,6 +33,7 @@ from typing import Any
 from raybig.errors import EXIT_INTERRUPTED
 
 GRACE_S = float(os.environ.get("RAYBIG_INTERRUPT_GRACE_S", "10"))
+SHUTDOWN_S = 8.0  # what `ray.shutdown` gets after an interrupt before the processes are killed
 MESSAGE = "interrupted: stopped by Ctrl-C"
 _said = threading.Event()  # the one interrupted line is printed once per process
 
@@ -82,9 +86,42 @@ def stop_descendants(wait_s: float = 2.0) -> None:
     deadline = time.time() + wait_s
     while time.time() < deadline and any(_alive(p) for p in pids):
         time.sleep(0.1)
-    for p in pids + descendants():  # and anything they started meanwhile
+    rest = pids + descendants()  # and anything they started meanwhile
+    for p in rest:
         with contextlib.suppress(OSError):
             os.kill(p, signal.SIGKILL)
+    deadline = time.time() + wait_s
+    while time.time() < deadline and any(_alive(p) for p in rest):
+        time.sleep(0.05)
+
+
+def exit_interrupted(console: Any, text: str = MESSAGE, shutdown_s: float = SHUTDOWN_S) -> None:
+    """Print the one `interrupted` line, stop what this command started and exit 130 at once.
+
+    `os._exit`, not `sys.exit`: after an interrupt, Python's normal shutdown runs Ray's and
+    torch's exit hooks against half-stopped threads, and can hang or die with SIGSEGV (seen in
+    CI as exit -11 right after the line was printed). `ray.shutdown` gets `shutdown_s` seconds
+    first. Never returns.
+    """
+    announce(console, text)
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    # Disconnect from Ray before its processes go: a core worker that sees its raylet die first
+    # ends this process itself, with exit code 1. `ray.shutdown` also stops an embedded Ray.
+    _shutdown_ray(shutdown_s)
+    stop_descendants()
+    os._exit(EXIT_INTERRUPTED)
+
+
+def _shutdown_ray(timeout_s: float) -> None:
+    """`ray.shutdown()` if this process is connected, given at most `timeout_s` (it can hang)."""
+    ray = sys.modules.get("ray")
+    if ray is None or not ray.is_initialized():
+        return
+    t = threading.Thread(target=ray.shutdown, name="raybig-ray-shutdown", daemon=True)
+    t.start()
+    t.join(timeout_s)
 
 
 def _alive(pid: int) -> bool:
@@ -104,11 +141,7 @@ class _Guard:
         self.done = threading.Event()
 
     def hard_exit(self) -> None:
-        announce(self.console)
-        with contextlib.suppress(Exception):
-            sys.stderr.flush()
-        stop_descendants()
-        os._exit(EXIT_INTERRUPTED)
+        exit_interrupted(self.console, shutdown_s=2.0)  # the command is already stuck: less for Ray
 
     def watchdog(self) -> None:
         if not self.done.wait(GRACE_S):
