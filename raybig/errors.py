@@ -104,6 +104,13 @@ class IncompleteCheckpointError(RaybigError):
     """A checkpoint is missing files its manifests list (a partial upload); exit 1."""
 
 
+class CheckpointConversionError(RaybigError):
+    """A ZeRO checkpoint could not be converted for a resume at another worker count; exit 1.
+
+    The checkpoint itself is left as it was.
+    """
+
+
 class SweepMismatch(RaybigError):
     """A sweep was re-run under a name whose stored experiment has a different spec; exit 2."""
 

@@ -116,6 +116,8 @@ METRICS: dict[str, MetricDef] = {m.name: m for m in [
               ("priority",), tuple(WAIT_BUCKETS_S)),
     MetricDef("raybig_scheduler_admissions", "counter", "Jobs admitted to the cluster.", ("priority",)),
     MetricDef("raybig_scheduler_retries", "counter", "Job retries after a failure.", ("priority", "reason")),
+    MetricDef("raybig_scheduler_preemptions", "counter", "Running jobs asked to checkpoint and yield to a "
+              "higher-priority job (labelled with the victim's priority).", ("priority",)),
 ]}
 
 _lock = threading.Lock()
@@ -359,6 +361,11 @@ def scheduler_admitted(priority: Any, wait_s: float) -> None:
 def scheduler_retry(priority: Any, reason: str = "failed") -> None:
     """One retry of a failed job; `reason` is a bounded label (the exception class)."""
     emit("raybig_scheduler_retries", 1, priority=priority, reason=reason)
+
+
+def scheduler_preempted(priority: Any) -> None:
+    """One running job picked as a preemption victim (`priority`: the victim's)."""
+    emit("raybig_scheduler_preemptions", 1, priority=priority)
 
 
 _sched_priorities: set[str] = set()

@@ -1,4 +1,4 @@
-"""User plug-ins (`model.target: package.module:factory`): import path, validate-time check, loss.
+"""User plug-ins (`model.target`, `data.target`: package.module:factory): import path, validate-time check, loss.
 
 Where their modules are imported from (`add_python_path`), a check of the target that `raybig
 validate` can afford (`check_target`), and the accepted shapes of a forward's loss (`loss_of`).
@@ -151,7 +151,10 @@ def loss_of(out: Any) -> Any:
 
 
 def target_problems(spec: Any) -> list[tuple[tuple[str | int, ...], str]]:
-    """(path, message) for every `model.target` in `spec` that `check_target` refuses.
+    """(path, message) for every `model.target` and `data.target` in `spec` that `check_target` refuses.
+
+    `task: custom` (`raybig.train.plugin_task`) passes its factories `seed` (and a dataset `split`);
+    the older `model.target` of a language model gets `vocab_size` and `seq_len`.
 
     Looks at a train spec's model, a sweep's `base.model` and a pipeline's `sweep.base.model` (by
     attribute, so this leaf needs no spec classes). For `raybig.spec.load_spec(checks=...)`.
@@ -168,10 +171,16 @@ def target_problems(spec: Any) -> list[tuple[tuple[str | int, ...], str]]:
     out: list[tuple[tuple[str | int, ...], str]] = []
     for prefix, train in found:
         m = train.model
-        if getattr(m, "target", None) is None:
-            continue
-        problem = check_target(m.target, dict(m.kwargs),
-                               {"vocab_size": m.vocab_size or BYTE_VOCAB, "seq_len": train.data.seq_len})
-        if problem:
-            out.append(((*prefix, "model", problem[0]), problem[1]))
+        custom = getattr(train, "task", None) == "custom"  # raybig.train.plugin_task: the seed, not the vocab
+        if getattr(m, "target", None) is not None:
+            passed = {"seed": train.seed} if custom else {"vocab_size": m.vocab_size or BYTE_VOCAB,
+                                                          "seq_len": train.data.seq_len}
+            problem = check_target(m.target, dict(m.kwargs), passed)
+            if problem:
+                out.append(((*prefix, "model", problem[0]), problem[1]))
+        d = train.data
+        if getattr(d, "target", None) is not None:
+            problem = check_target(d.target, dict(d.kwargs), {"split": "train", "seed": train.seed})
+            if problem:
+                out.append(((*prefix, "data", problem[0]), problem[1]))
     return out

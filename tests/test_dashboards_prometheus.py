@@ -40,7 +40,8 @@ PROMETHEUS = shutil.which("prometheus") or "/usr/bin/prometheus"
 NEVER_EMITTED: set[str] = set()
 # Emitted only on an event this module makes at most once and cannot make certain (a client that
 # hangs up mid-stream: the engine may finish the row first); exported when it happens.
-ON_EVENT_ONLY = {"ray_raybig_serve_cancelled_total"}
+ON_EVENT_ONLY = {"ray_raybig_serve_cancelled_total",
+                 "ray_raybig_scheduler_preemptions_total"}  # a preemption (tests/test_preemption*.py)
 # Expressions that may legitimately be empty even while everything runs (by panel title).
 MAY_BE_EMPTY = {
     "Serve 5xx errors",  # no server errors in a healthy test run
@@ -50,7 +51,7 @@ TRAIN = """
 kind: train
 name: obs-prom
 model: {{preset: gpt-debug}}
-data: {{path: "stdlib://", seq_len: 32, max_bytes: 200000}}
+data: {{path: "stdlib://", seq_len: 32, max_tokens: 200000}}
 train: {{steps: 8, micro_batch_size: 4, lr: 2.0e-3, warmup_steps: 2, eval_every: 4, eval_batches: 1,
          log_every: 2}}
 deepspeed: {{zero_stage: 1}}

@@ -65,16 +65,41 @@ BAD = [
     ("name frozen", "train.lr:", "name:", "search.name", 9, "cannot be searched"),
     ("section", "train.lr: {loguniform: [1.0e-5, 3.0e-3]}", "model: 3", "search.model", 9, "is a section"),
     ("low above high", "[1.0e-5, 3.0e-3]", "[3.0e-3, 1.0e-5]", "search.train.lr.loguniform", 9, "below high"),
+    ("metric typo", "num_samples: 4", "num_samples: 4\nmetric: val_los", "metric", 13, "did you mean 'val_loss'"),
+    ("eval metric, no eval section", "num_samples: 4", "num_samples: 4\nmetric: eval.perplexity", "metric", 13,
+     "no eval: section"),
+    ("eval metric with ASHA", "  resources: {workers: 2}", "  resources: {workers: 2}\n  eval: {perplexity: true}",
+     "metric", None, None),
 ]
 
 
 @pytest.mark.parametrize("what,old,new,path,line,msg", BAD, ids=[b[0] for b in BAD])
 def test_bad_sweeps_name_path_and_line(what, old, new, path, line, msg):
     assert old in GOOD
-    found = issues(GOOD.replace(old, new, 1))
+    if line is None:  # needs a second edit: an eval metric under ASHA (the default scheduler)
+        text = GOOD.replace(old, new, 1).replace("num_samples: 4", "num_samples: 4\nmetric: eval.perplexity")
+        old, line, msg = "", 14, "set scheduler: none"
+    found = issues(text if not old else GOOD.replace(old, new, 1))
     hits = [i for i in found if i.render().split(": ")[1] == path]
     assert hits, [i.render() for i in found]
     assert hits[0].line == line and msg in hits[0].message, hits[0].render()
+
+
+def test_sweep_metric_may_name_any_evaluation_result():
+    from raybig.spec.sweep import eval_metric_name, metric_names
+
+    text = GOOD.replace("  resources: {workers: 2}", "  resources: {workers: 2}\n  eval: {tasks: [raybig_arith_mc]}")
+    for metric, mode in (("eval.perplexity", "min"), ("eval.raybig_arith_mc.acc", "max"), ("val_loss", "min")):
+        spec = load_spec_text(f"{text}metric: {metric}\nmode: {mode}\nscheduler: none\n")
+        assert spec.metric == metric and metric in metric_names(spec.base)
+    assert eval_metric_name("eval/raybig_arith_mc/acc") == "eval.raybig_arith_mc.acc"
+    bad = issues(f"{text}metric: eval.raybig_arith_mc.accc\nscheduler: none\n")
+    assert bad[0].render().startswith("sweep.yaml:14: metric:") and "did you mean 'eval.raybig_arith_mc.acc'" in \
+        bad[0].message
+    clf = load_spec_text("kind: sweep\nname: c\nbase: {task: classification, eval: {perplexity: true}}\n"
+                         "search: {train.lr: {choice: [0.01, 0.1]}}\nmetric: eval.val_accuracy\nmode: max\n"
+                         "scheduler: none\n")
+    assert "val_accuracy" in metric_names(clf.base) and "eval.perplexity" not in metric_names(clf.base)
 
 
 def test_bad_base_value_points_into_base():
@@ -202,3 +227,17 @@ def test_optuna_search_is_seeded_and_takes_our_space():
     assert a == b  # same seed, same trials
     assert all(1e-5 <= s["train.lr"] <= 3e-3 and s["train.micro_batch_size"] in (2, 4, 8)
                and 4 <= s["train.steps"] <= 6 for s in a)
+
+
+def test_sweep_refuses_an_unreachable_tracking_store_before_ray(tmp_path):
+    import ray
+
+    from raybig.errors import TrackingError
+    from raybig.tune import run_sweep
+
+    spec = load_spec_text(f"{GOOD}storage: {{path: {tmp_path}}}\n"
+                          "tracking: {mlflow: {tracking_uri: 'http://127.0.0.1:9'}}\n")
+    assert spec.mlflow().tracking_uri == "http://127.0.0.1:9"
+    with pytest.raises(TrackingError, match="cannot be reached") as e:
+        run_sweep(spec)
+    assert e.value.exit_code == 2 and not ray.is_initialized()

@@ -210,3 +210,41 @@ def test_real_mlflow_server(tmp_path):
         if proc.poll() is None:
             os.killpg(proc.pid, 9)
             proc.wait()
+
+
+def test_sweep_trial_child_run_params_keep_secrets_frozen(tmp_path, monkeypatch):
+    """A sweep trial's child run: overrides as `search.<path>`, the resolved spec with `${VAR}` kept."""
+    from mlflow.tracking import MlflowClient
+
+    from raybig.spec import load_spec_text
+    from raybig.spec.sweep import trial_spec
+    from raybig.tune.runner import end_parent_run, start_parent_run
+    from raybig.tune.trial import MLFLOW_RUN_KEY, trial_tracker
+
+    monkeypatch.setenv("RAYBIG_TEST_API_KEY", "sekrit-value-123")
+    store = (tmp_path / "mlruns").as_uri()
+    sweep = load_spec_text(f"""kind: sweep
+name: s
+tracking: {{mlflow: {{tracking_uri: {store}, experiment: sw}}}}
+base:
+  model: {{target: "jobs.my_models.lstm_lm:build", kwargs: {{api_key: "${{RAYBIG_TEST_API_KEY}}"}}}}
+search: {{train.lr: {{grid: [0.1, 0.2]}}}}
+""")
+    sweep_dir = tmp_path / "s"
+    sweep_dir.mkdir()
+    parent = start_parent_run(sweep, str(sweep_dir))
+    spec = trial_spec(sweep, {"train.lr": 0.2}, "trial_1", str(sweep_dir / "trials"))
+    info: dict = {}
+    child = trial_tracker(sweep, str(sweep_dir), spec, {"train.lr": 0.2}, info)
+    child.log_metrics({"step": 3, "loss": 1.5, "note": "x"}, 3)
+    child.end()
+    again = trial_tracker(sweep, str(sweep_dir), spec, {"train.lr": 0.2}, {MLFLOW_RUN_KEY: child.run_id})
+    assert again.run_id == child.run_id  # a restarted trial logs into the same child run
+    end_parent_run(parent, {"best": {"metric": 1.5, "trial": "trial_1"}})
+    client = MlflowClient(tracking_uri=store)
+    c, p = client.get_run(child.run_id), client.get_run(parent.run_id)
+    assert c.data.tags["mlflow.parentRunId"] == p.info.run_id and p.info.status == "FINISHED"
+    assert c.data.params["search.train.lr"] == "0.2" and c.data.params["train.lr"] == "0.2"
+    assert c.data.params["model.kwargs.api_key"] == "${RAYBIG_TEST_API_KEY}"
+    assert not any("sekrit" in v for r in (c, p) for v in r.data.params.values())
+    assert c.data.metrics == {"step": 3.0, "loss": 1.5} and p.data.metrics["best_metric"] == 1.5

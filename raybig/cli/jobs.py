@@ -124,6 +124,12 @@ def status(job_id: str | None, address: str | None, as_json: bool) -> None:
               f"submitted {_ago(v.submitted_at)} ago")
     if v.position:
         out.print(f"  queue position {v.position}: {v.reason or 'waiting'}")
+    elif v.reason:  # a running job being preempted: for whom
+        out.print(f"  {v.reason}")
+    if v.workers:
+        out.print(f"  running on {v.workers} workers (its resources.workers range admitted below its max)")
+    if v.preempted:
+        out.print(f"  preempted {v.preempted} time(s): each resumed from its checkpoint, no retry spent")
     if v.attempt:
         out.print(f"  attempt {v.attempt}")
     if v.metrics:
@@ -177,7 +183,8 @@ def _table(views: list[Any], as_json: bool) -> None:
     cols = ("JOB", "NAME", "STATE", "PRI", "POS", "AGE", "DETAIL")
     rows = []
     for v in views:
-        detail = v.reason if v.state in (JobState.QUEUED, JobState.PENDING) else v.error or _progress(v.metrics)
+        detail = v.reason if v.state in (JobState.QUEUED, JobState.PENDING, JobState.PREEMPTED) \
+            else v.reason or v.error or _progress(v.metrics)
         rows.append((v.job_id, v.name, v.state.value, str(v.priority), str(v.position or ""), _ago(v.submitted_at),
                      detail))
     if len(rows) > RICH_ROWS:
@@ -216,7 +223,7 @@ def list_cmd(address: str | None, include_all: bool, as_json: bool) -> None:
 def queue(ctx: click.Context, address: str | None, as_json: bool) -> None:
     """The whole queue in order: running jobs, then waiting ones by priority and age.
 
-    `raybig queue quota` reads and sets per-user quotas.
+    `raybig queue quota` reads and sets per-user quotas; `raybig queue preemption` the preemption settings.
     """
     if ctx.invoked_subcommand is not None:
         ctx.obj = {"address": address, "as_json": as_json}
@@ -269,6 +276,45 @@ def queue_quota(ctx: click.Context, user: str | None, caps: tuple[str, ...], cle
     for u, q in sorted(got["quotas"].items()):
         used = got["usage"].get(u, {})
         out.print(f"{u}: " + ", ".join(f"{k} {used.get(k, 0):g} of {v:g}" for k, v in sorted(q.items())))
+
+
+@queue.command("preemption")
+@click.option("--on/--off", "enabled", default=None, help="Turn preemption on or off.")
+@click.option("--min-gap", default=None, metavar="N",
+              help="A victim's priority is at most the waiting job's minus N (>= 1).")
+@click.option("--grace-s", default=None, metavar="SECONDS",
+              help="How long a victim may take to checkpoint before its run is stopped.")
+@address_option
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_context
+def queue_preemption(ctx: click.Context, enabled: bool | None, min_gap: str | None, grace_s: str | None,
+                     address: str | None, as_json: bool) -> None:
+    """Preemption settings: read them (no option), or set them (`--off`, `--min-gap 10 --grace-s 60`).
+
+    Set values override RAYBIG_PREEMPTION / RAYBIG_PREEMPT_MIN_GAP / RAYBIG_PREEMPT_GRACE_S from the
+    head's environment and last as long as the cluster.
+    """
+    from raybig.scheduler.quota import parse_preemption, read_preemption, set_preemption
+
+    parent = ctx.obj or {}
+    address = address or parent.get("address")
+    as_json = as_json or bool(parent.get("as_json"))
+    if enabled is not None or min_gap is not None or grace_s is not None:
+        update = parse_preemption(enabled, min_gap, grace_s)  # a malformed value stops here (exit 2)
+        set_preemption(update, address)
+        console.print(f"[green]preemption[/green] {escape(json.dumps(update))} (the scheduler applies it at "
+                      "its next tick)", soft_wrap=True)
+        return
+    got = read_preemption(address)
+    if got is None:
+        raise ClusterError("the scheduler's queue board cannot be read (no raybig job has run on this cluster "
+                           "yet, or an older raybig runs there)")
+    if as_json:
+        out.file.write(json.dumps(got, indent=2) + "\n")
+        return
+    st = got["settings"]
+    out.print(f"preemption {'on' if st.get('enabled', True) else 'off'}: min gap {st.get('min_gap', 1)}, "
+              f"grace {st.get('grace_s', 120):g} s; {got['preemptions']} preemption(s) since the scheduler started")
 
 
 @main.group()

@@ -157,9 +157,12 @@ class JobView:
     Attributes:
         state: the raybig lifecycle state (Ray's own status, refined by the holder's last state line).
         position: 1-based place among waiting jobs (None when not waiting).
-        reason: why a queued job waits.
+        reason: why a queued (or preempted) job waits; for a running job being preempted, for whom.
         metrics: the latest train metrics the job reported (step, loss, ...).
         result: what the run returned when it SUCCEEDED (a train job: `TrainResult.to_json()`).
+        workers: the size a worker range (`resources.workers: {min, max}`) runs at, when below its max.
+        preempted: how many times the job yielded to a higher-priority job (each resumed from its
+            checkpoint without spending a retry).
     """
 
     job_id: str
@@ -175,6 +178,8 @@ class JobView:
     metrics: dict[str, Any] = field(default_factory=dict)
     result: dict[str, Any] | None = None
     raybig: bool = True
+    preempted: int = 0
+    workers: int | None = None
 
     def to_json(self) -> dict[str, Any]:
         """Plain JSON values (`state` as its name)."""
@@ -185,7 +190,7 @@ class JobView:
 
 
 # What a holder may say about a job Ray still runs; any other (or none yet) reads as RUNNING.
-_HOLDER_STATES = (JobState.QUEUED, JobState.RUNNING, JobState.RETRYING)
+_HOLDER_STATES = (JobState.QUEUED, JobState.RUNNING, JobState.RETRYING, JobState.PREEMPTED)
 
 
 def _state_of(ray_status: JobStatus, holder: dict[str, Any] | None) -> JobState:
@@ -223,7 +228,11 @@ def _view(client: Any, url: str, d: Any, with_logs: bool, logs: str | None = Non
                 submitted_at=float(md.get("raybig_submitted_at", (d.start_time or 0) / 1000)),
                 user=md.get("raybig_user", ""), raybig=is_raybig(md))
     if holder:
-        v.reason = holder.get("reason", "") if v.state is JobState.QUEUED else ""
+        v.reason = holder.get("reason", "") if v.state in (JobState.QUEUED, JobState.PREEMPTED) else ""
+        v.preempted = int(holder.get("preempted") or 0)
+        v.workers = holder.get("workers") if v.state is JobState.RUNNING else None
+        if v.state is JobState.RUNNING and holder.get("reason"):  # a victim checkpointing before it yields
+            v.reason = holder["reason"]
         v.attempt = holder.get("attempt")
         v.error = holder.get("error", "")
         v.metrics = holder.get("metrics", {})
@@ -313,14 +322,16 @@ def cluster_nodes(address: str | None = None) -> list[dict[str, float]] | None:
 def never_fits(spec: Any, totals: list[dict[str, float]] | None) -> str | None:
     """Why `spec`'s gang can never fit nodes of these `totals`, or None (it fits, or they are unknown).
 
+    A worker range is judged by its smallest gang (`resources.workers.min`).
+
     Totals, not what is free: a busy cluster is a reason to wait in the queue, not to warn.
     """
-    from raybig.scheduler.meta import demand_of
+    from raybig.scheduler.meta import least_demand_of
     from raybig.scheduler.policy import missing_text, pack
 
     if not totals:
         return None
-    bundles = demand_of(spec).as_dicts()
+    bundles = least_demand_of(spec).as_dicts()  # a worker range: its smallest gang
     if pack(bundles, [dict(t) for t in totals]):
         return None
     return missing_text(bundles, totals)
@@ -403,8 +414,8 @@ def list_views(address: str | None = None, include_all: bool = False) -> list[Jo
     return views_of(jobs, board, include_all, logs)
 
 
-_WAITING = (JobState.PENDING, JobState.QUEUED)
-_ORDER = {JobState.RUNNING: 0, JobState.RETRYING: 1, JobState.QUEUED: 2, JobState.PENDING: 2}
+_WAITING = (JobState.PENDING, JobState.QUEUED, JobState.PREEMPTED)
+_ORDER = {JobState.RUNNING: 0, JobState.RETRYING: 1, JobState.QUEUED: 2, JobState.PENDING: 2, JobState.PREEMPTED: 2}
 
 
 def _with_positions(views: list[JobView]) -> list[JobView]:

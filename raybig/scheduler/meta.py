@@ -39,8 +39,10 @@ def driver_cpus() -> float:
 TRIAL_DRIVER = {"CPU": 0.01}  # a sweep trial's Tune function trainable (raybig.tune.runner)
 
 
-def demand_of(spec: Any) -> Demand:
+def demand_of(spec: Any, workers: int | None = None) -> Demand:
     """The gang a spec needs: workers x per-worker resources, plus the driver.
+
+    `workers` overrides `resources.workers` (a worker range admitted below its maximum).
 
     A sweep needs its driver plus `max_concurrent_trials` trial gangs at once (each: the trial's
     0.01-CPU trainable and its workers), so it is admitted only when they all fit and its trials
@@ -58,7 +60,41 @@ def demand_of(spec: Any) -> Demand:
     r = getattr(spec, "resources", None)
     if r is None or not hasattr(r, "workers"):
         return Demand.of(0, {}, driver)
-    return Demand.of(int(r.workers), r.bundle(), driver)
+    return Demand.of(int(r.workers if workers is None else workers), r.bundle(), driver)
+
+
+def worker_range(spec: Any) -> tuple[int, int] | None:
+    """(min, max) workers of a train spec whose `resources.workers` is a range, else None.
+
+    After validation `resources.workers` is the maximum and `resources.min_workers` the minimum (None
+    for a plain count).
+    """
+    from raybig.spec.sweep import SweepSpec
+
+    r = getattr(spec, "resources", None)
+    lo = getattr(r, "min_workers", None)
+    if r is None or lo is None or isinstance(spec, SweepSpec) or int(lo) >= int(r.workers):
+        return None
+    return int(lo), int(r.workers)
+
+
+def sizes_of(spec: Any) -> list[tuple[int, Demand]]:
+    """A worker range's smaller gangs, largest first: (workers, demand) for max-1 down to min; else []."""
+    rng = worker_range(spec)
+    if rng is None:
+        return []
+    return [(n, demand_of(spec, n)) for n in range(rng[1] - 1, rng[0] - 1, -1)]
+
+
+def least_demand_of(spec: Any) -> Demand:
+    """The smallest gang a spec can start with (its range's minimum; else its only gang)."""
+    sizes = sizes_of(spec)
+    return sizes[-1][1] if sizes else demand_of(spec)
+
+
+def preemptible_of(spec: Any) -> bool:
+    """Whether the scheduler may preempt this spec's job (serving and other unqueued kinds: never)."""
+    return spec.is_preemptible() if isinstance(spec, QueuedSpec) else False
 
 
 def _largest_trial(spec: Any) -> tuple[int, dict[str, float]]:
@@ -90,6 +126,9 @@ def metadata_for(spec: Any, spec_hash: str, user: str, submitted_at: float) -> d
         "raybig_spec_hash": spec_hash,
         "raybig_user": user,
         "raybig_submitted_at": f"{submitted_at:.6f}",
+        "raybig_preemptible": "1" if preemptible_of(spec) else "0",
+        **({"raybig_sizes": json.dumps([[n, d.to_json()] for n, d in sizes], separators=(",", ":"))}
+           if (sizes := sizes_of(spec)) else {}),
     }
 
 
@@ -108,7 +147,8 @@ def job_from_metadata(job_id: str, md: dict[str, str]) -> Job:
     return Job(job_id=job_id, priority=int(md.get("raybig_priority", "0")),
                submitted_at=float(md.get("raybig_submitted_at", "0")),
                demand=Demand.from_json(json.loads(md.get("raybig_demand", "[]"))),
-               user=md.get("raybig_user", ""), ready=False)
+               user=md.get("raybig_user", ""), ready=False, preemptible=md.get("raybig_preemptible") == "1",
+               sizes=tuple((int(n), Demand.from_json(d)) for n, d in json.loads(md.get("raybig_sizes", "[]"))))
 
 
 def state_line(state: JobState, **fields: Any) -> str:

@@ -15,6 +15,17 @@ bounded by jobs that were running anyway: a backfilled job only ever uses capaci
 use. Quota-blocked jobs never become the head (they must not hold the queue hostage).
 
 Quotas: optional caps per user on the sum of admitted demand (e.g. {"alice": {"CPU": 4}}).
+
+Worker ranges: a job whose `resources.workers` is a range carries its smaller gangs (`Job.sizes`,
+largest first). It starts at the largest size that fits now (and passes its quota); it can never fit
+only when its smallest gang can never fit, and as the head it reserves its smallest gang.
+
+Preemption (`Preemption`, off unless given): when the head (a ready job, within its quota, that can
+fit the cluster) cannot start, and admitted jobs at least `min_gap` priority levels below it that are
+preemptible hold what it needs, `pick_victims` chooses the fewest of them, lowest priority first,
+whose leaving lets the head's gang pack onto the nodes' totals net of every other admitted gang.
+Jobs already asked to yield (`Job.preempting`) count as leaving, and while they suffice no new victim
+is picked: one preemption per head, however many ticks the victims take to checkpoint.
 """
 
 from __future__ import annotations
@@ -22,6 +33,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from enum import Enum
+from itertools import combinations
 from operator import attrgetter
 
 Res = dict[str, float]
@@ -35,6 +47,7 @@ class JobState(str, Enum):
     QUEUED = "QUEUED"          # waiting for admission
     RUNNING = "RUNNING"        # admitted and running
     RETRYING = "RETRYING"      # failed; backing off before going back into the queue
+    PREEMPTED = "PREEMPTED"    # checkpointed and stopped for a higher-priority job; queued to resume
     SUCCEEDED = "SUCCEEDED"
     FAILED = "FAILED"
     STOPPED = "STOPPED"
@@ -92,6 +105,9 @@ class Job:
     user: str = ""
     ready: bool = True      # the holder has registered and can start now
     admitted: bool = False
+    preemptible: bool = False  # may be asked to checkpoint and yield to a higher-priority job
+    preempting: bool = False   # admitted, and already asked to yield (its gang is on its way out)
+    sizes: tuple[tuple[int, Demand], ...] = ()  # a worker range's smaller gangs: (workers, demand), largest first
 
 
 @dataclass
@@ -109,6 +125,22 @@ class Decision:
     admit: list[str] = field(default_factory=list)
     reasons: dict[str, str] = field(default_factory=dict)
     positions: dict[str, int] = field(default_factory=dict)
+    workers: dict[str, int] = field(default_factory=dict)  # admitted below their range's maximum: the size
+    preempt: dict[str, str] = field(default_factory=dict)  # victim id -> the job it makes room for
+
+
+@dataclass(frozen=True)
+class Preemption:
+    """The preemption settings of a pass (`decide(..., preemption=...)`).
+
+    Attributes:
+        min_gap: a victim's priority is at most the waiting job's minus this (>= 1).
+        max_combinations: victim sets tried exactly per set size before falling back to a greedy
+            choice (lowest priority first, then dropping any victim the others make redundant).
+    """
+
+    min_gap: int = 1
+    max_combinations: int = 4096
 
 
 def order_key(j: Job) -> tuple[int, float, str]:
@@ -349,12 +381,15 @@ def _use(used: dict[str, Res], user: str, total: Res) -> None:
         u[k] = u.get(k, 0.0) + v
 
 
-def decide(jobs: list[Job], nodes: list[Node], quotas: dict[str, Res] | None = None) -> Decision:
+def decide(jobs: list[Job], nodes: list[Node], quotas: dict[str, Res] | None = None,
+           preemption: Preemption | None = None) -> Decision:
     """Which waiting jobs start now, and why each of the others waits (one full scheduling pass).
 
     `jobs`: every live job, admitted or waiting (the ones this pass admits get `admitted=True`).
     `nodes`: per-node total and available resources, in Ray's units (CPU and GPU counts, memory in
     bytes, custom resources). `quotas`: per-user caps on the sum of admitted demand, same units.
+    `preemption`: when given, a head that cannot start may name victims (`Decision.preempt`; see the
+    module docstring and `pick_victims`); the head itself is admitted in a later pass, once they left.
     Returns the ids to admit, in order, plus a reason and a 1-based queue position for every job left
     waiting (the policy is in the module docstring). Stateless: each call is a full pass.
 
@@ -369,6 +404,7 @@ def decide(jobs: list[Job], nodes: list[Node], quotas: dict[str, Res] | None = N
     (BENCHMARKS.md, "Scheduler and submission"; the previous version took 20-55 s).
     """
     quotas = quotas or {}
+    was_admitted = {j.job_id for j in jobs if j.admitted}
     # Keyed by the bundles tuple (hashed in C; the dataclass's own hash and == run in Python).
     shapes: dict[tuple, _Shape] = {}
     shape_get = shapes.get
@@ -429,47 +465,56 @@ def decide(jobs: list[Job], nodes: list[Node], quotas: dict[str, Res] | None = N
     queue = sorted((j for j in jobs if not j.admitted), key=_by_id)
     queue.sort(key=_by_time)
     queue.sort(key=_by_priority, reverse=True)
+    def shape_of(d: Demand) -> _Shape:
+        return shape_get(d.bundles) or shapes.setdefault(d.bundles, _Shape(d))
+
+    def start(j: Job, s: _Shape) -> bool:
+        """Admit `j` at its full gang if it fits now, else (a worker range) at its largest smaller one."""
+        if (not j.sizes or j.user not in quotas or not _over_quota(j.user, s.total, used, quotas)) and free.pack(s):
+            admitted(j, s)
+            return True
+        return smaller(j)
+
+    def smaller(j: Job) -> bool:
+        """A worker range: start it at the largest smaller gang that fits now and passes its quota."""
+        for n, d in j.sizes:
+            s2 = shape_of(d)
+            if j.user in quotas and _over_quota(j.user, s2.total, used, quotas):
+                continue
+            if free.pack(s2):
+                admitted(j, s2)
+                dec.workers[j.job_id] = n
+                return True
+        return False
+
     it = iter(queue)
     ahead = 0
     head: Job | None = None
+    head_shape: _Shape | None = None
     # 1. Until a job cannot start, each job either starts or becomes the head (or is out of the running).
     for j in it:
         jid = j.job_id
         positions[jid] = ahead + 1
-        d = j.demand
-        s = shape_get(d.bundles) or shapes.setdefault(d.bundles, _Shape(d))
-        b = blocked(j, s, ahead)
+        s = shape_of(j.demand)
+        least = shape_of(j.sizes[-1][1]) if j.sizes else s  # a range: its smallest gang decides "never"
+        b = blocked(j, least, ahead)
         if b is not None:
             # Quota: it must not hold the queue hostage. Never fits: an autoscaler may add nodes.
             reasons[jid] = b
             ahead += 1
-        elif j.ready and free.pack(s):
-            admitted(j, s)
+        elif j.ready and start(j, s):
+            pass
         else:
-            head = j
-            reasons[jid] = _tail(why(s) if j.ready else "starting its driver", ahead)
+            head, head_shape = j, least
+            reasons[jid] = _tail(why(least) if j.ready else "starting its driver", ahead)
             ahead += 1
             break
-    if head is None:
+    if head is None or head_shape is None:
         return dec
-    head_shape = shape_get(head.demand.bundles)
     turn = f"waiting for its turn behind {head.job_id}"
-    # 2. Backfill: a later job starts only if it fits now and the head still fits after it.
-    for j in it:
-        jid = j.job_id
-        positions[jid] = ahead + 1
-        d = j.demand
-        s = shape_get(d.bundles) or shapes.setdefault(d.bundles, _Shape(d))
-        if s.never is not False or (quotas and j.user in quotas):
-            b = blocked(j, s, ahead)
-            if b is not None:
-                reasons[jid] = b
-                ahead += 1
-                continue
-        if not j.ready:
-            reasons[jid] = _tail("starting its driver", ahead)
-            ahead += 1
-            continue
+
+    def backfill(j: Job, s: _Shape) -> str | None:
+        """Start `j` at gang `s` if it fits now and the head still fits after it; else why not."""
         r = memo.get(s)
         if r is None:
             fits_sum = True  # the cheap pre-check: the cluster-wide sums suffice
@@ -484,15 +529,140 @@ def decide(jobs: list[Job], nodes: list[Node], quotas: dict[str, Res] | None = N
             if fits_sum and reserved.trial(s, head_shape):
                 if free.pack(s):
                     admitted(j, s)
-                    continue
+                    return None
                 r = why(s)
             else:
                 # It may fit now, but starting it could delay the job at the head of the queue.
                 r = turn if free.trial(s) else why(s)
             memo[s] = r
+        return r
+
+    # 2. Backfill: a later job starts only if it fits now and the head still fits after it.
+    for j in it:
+        jid = j.job_id
+        positions[jid] = ahead + 1
+        s = shape_of(j.demand)
+        least = shape_of(j.sizes[-1][1]) if j.sizes else s
+        if least.never is not False or (quotas and j.user in quotas):
+            b = blocked(j, least, ahead)
+            if b is not None:
+                reasons[jid] = b
+                ahead += 1
+                continue
+        if not j.ready:
+            reasons[jid] = _tail("starting its driver", ahead)
+            ahead += 1
+            continue
+        if j.sizes and j.user in quotas and _over_quota(j.user, s.total, used, quotas):
+            r: str | None = "over quota at its largest size"
+        else:
+            r = backfill(j, s)
+        for n, d in j.sizes if r is not None else ():
+            s2 = shape_of(d)
+            if j.user in quotas and _over_quota(j.user, s2.total, used, quotas):
+                continue
+            if backfill(j, s2) is None:
+                dec.workers[jid] = n
+                r = None
+                break
+        if r is None:
+            continue
         reasons[jid] = f"{r}; {ahead} jobs ahead" if ahead != 1 else f"{r}; 1 job ahead"
         ahead += 1
+    if preemption is not None and head.ready:
+        _preempt(dec, head, head_shape, [j for j in jobs if j.job_id in was_admitted], nodes, preemption)
     return dec
+
+
+def pick_victims(head: Demand, admitted: list[Job], nodes: list[Node], min_gap: int, priority: int,
+                 max_combinations: int = 4096) -> list[Job] | None:
+    """The fewest, lowest-priority admitted jobs whose leaving lets gang `head` pack onto the nodes.
+
+    Candidates are the admitted jobs that are `preemptible`, not already `preempting`, and at most
+    `priority - min_gap`. Capacity is each node's total net of every admitted gang that stays (jobs
+    already `preempting` count as gone). Sets are tried smallest first; among sets of one size, the
+    one whose priorities, highest first, are lowest wins (then the more recently submitted, which
+    loses the least work), trying at most `max_combinations` sets per size exactly before falling back
+    to greedy (lowest priority first until the head fits, then dropping victims the rest make
+    redundant, highest priority first).
+
+    Args:
+        head: the waiting job's gang (a worker range: its smallest).
+        admitted: every admitted job (candidates or not).
+        nodes: the cluster's nodes (only their totals are used).
+        min_gap: minimum priority difference between the waiting job and a victim (>= 1).
+        priority: the waiting job's priority.
+        max_combinations: exact-search budget per set size.
+
+    Returns:
+        [] when the jobs already preempting make room, the victims (lowest priority first), or None
+        when no set of candidates makes room. O(C^k) packings for C candidates and k victims, capped.
+    """
+    staying = [j for j in admitted if not j.preempting]
+    cand = [j for j in staying if j.preemptible and j.priority <= priority - max(1, min_gap)]
+    cand.sort(key=lambda j: (j.priority, -j.submitted_at, j.job_id))
+    head_shape = _Shape(head)
+    cache: dict[tuple, _Shape] = {}
+
+    def fits_without(gone: set[str]) -> bool:
+        caps = _Caps([dict(n.total) for n in nodes])
+        for j in staying:
+            if j.job_id in gone:
+                continue
+            s = cache.get(j.demand.bundles) or cache.setdefault(j.demand.bundles, _Shape(j.demand))
+            if not caps.pack(s):
+                caps.spill(s.total)
+        return caps.trial(head_shape)
+
+    if fits_without(set()):
+        return []
+    if not cand or not fits_without({j.job_id for j in cand}):
+        return None
+
+    def rank(c: tuple[Job, ...]) -> tuple:
+        return (tuple(sorted((j.priority for j in c), reverse=True)), tuple(-j.submitted_at for j in c))
+
+    for k in range(1, len(cand) + 1):
+        sets: list[tuple[Job, ...]] = []
+        for n, c in enumerate(combinations(cand, k)):
+            if n >= max_combinations:
+                sets = []
+                break
+            sets.append(c)
+        if not sets:
+            break  # too many to try exactly: greedy below
+        for c in sorted(sets, key=rank):
+            if fits_without({j.job_id for j in c}):
+                return list(c)
+    chosen = []
+    for j in cand:
+        chosen.append(j)
+        if fits_without({v.job_id for v in chosen}):
+            break
+    for j in sorted(chosen, key=lambda j: -j.priority):
+        rest = {v.job_id for v in chosen if v is not j}
+        if rest and fits_without(rest):
+            chosen.remove(j)
+    return chosen
+
+
+def _preempt(dec: Decision, head: Job, head_shape: _Shape, admitted: list[Job], nodes: list[Node],
+             p: Preemption) -> None:
+    """Name the head's victims in `dec.preempt` and say so in its reason (see `pick_victims`)."""
+    victims = pick_victims(head_shape.demand, admitted, nodes, p.min_gap, head.priority, p.max_combinations)
+    if victims is None:
+        return
+    reason = dec.reasons.get(head.job_id, "")
+    if victims:
+        for v in victims:
+            dec.preempt[v.job_id] = head.job_id
+        names = ", ".join(v.job_id for v in victims)
+        dec.reasons[head.job_id] = f"preempting {names} (lower priority) to make room; {reason}"
+    else:
+        gone = [j.job_id for j in admitted if j.preempting]
+        if not gone:  # it fits the totals already: it waits for capacity that is in use outside raybig
+            return
+        dec.reasons[head.job_id] = f"waiting for preempted {', '.join(gone)} to checkpoint and stop; {reason}"
 
 
 def _tail(reason: str, ahead: int) -> str:

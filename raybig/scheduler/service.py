@@ -32,9 +32,9 @@ from typing import Any
 import ray
 from ray.job_submission import JobStatus
 
-from raybig.metrics import scheduler_observe
+from raybig.metrics import scheduler_observe, scheduler_preempted
 from raybig.scheduler.meta import ACTOR_NAME, BOARD_FILE, NAMESPACE, Phase, is_raybig, job_from_metadata
-from raybig.scheduler.policy import Decision, Demand, Job, JobState, Node, decide
+from raybig.scheduler.policy import Decision, Demand, Job, JobState, Node, Preemption, decide
 
 TICK_S = float(os.environ.get("RAYBIG_SCHED_TICK_S", "0.5"))
 RECOVER_S = float(os.environ.get("RAYBIG_SCHED_RECOVER_S", "20"))
@@ -72,6 +72,39 @@ def cluster_quotas() -> dict[str, dict[str, float]]:
     return q
 
 
+PREEMPT_KEY = "raybig-preemption"  # GCS internal KV (namespace NAMESPACE): set by `raybig queue preemption`
+
+
+def env_preemption() -> dict[str, Any]:
+    """Preemption settings from the head's environment (defaults: on, gap 1, 120 s to checkpoint).
+
+    `RAYBIG_PREEMPTION=off` turns it off; `RAYBIG_PREEMPT_MIN_GAP` is the least priority difference
+    between a waiting job and a victim; `RAYBIG_PREEMPT_GRACE_S` is how long a victim may take to
+    checkpoint and stop before its holder stops the run itself.
+    """
+    return {"enabled": os.environ.get("RAYBIG_PREEMPTION", "on") != "off",
+            "min_gap": int(os.environ.get("RAYBIG_PREEMPT_MIN_GAP", "1")),
+            "grace_s": float(os.environ.get("RAYBIG_PREEMPT_GRACE_S", "120"))}
+
+
+def stored_preemption() -> dict[str, Any]:
+    """Preemption settings set with `raybig queue preemption` (only the keys that were set)."""
+    from ray.experimental.internal_kv import _internal_kv_get
+
+    raw = _internal_kv_get(PREEMPT_KEY, namespace=NAMESPACE)
+    data = json.loads(raw) if raw else {}
+    return data if isinstance(data, dict) else {}
+
+
+def cluster_preemption() -> dict[str, Any]:
+    """The preemption settings in force: the environment's, overridden key by key by the stored ones."""
+    return {**env_preemption(), **stored_preemption()}
+
+
+# A victim's holder stops its own run `grace_s` after the request; past this much more, the scheduler
+# stops the Ray job itself (a holder that no longer answers).
+HARD_STOP_S = float(os.environ.get("RAYBIG_PREEMPT_HARD_STOP_S", "60"))
+
 JobTable = dict[str, tuple[JobStatus, dict[str, str]]]
 
 
@@ -89,12 +122,19 @@ class SchedulerCore:
         nodes: the cluster's nodes now.
         quotas: per-user resource quotas.
         log: where audit lines go (default: print to the actor's log).
+        preemption: the preemption settings (`env_preemption`'s keys), read every tick.
+        stop_job: stops a Ray job by id (the last resort for a victim whose holder stopped answering).
     """
 
     def __init__(self, list_alive: Callable[[], JobTable], lookup: Callable[[Iterable[str]], JobTable],
                  nodes: Callable[[], list[Node]], quotas: Callable[[], dict[str, dict[str, float]]] = _quotas,
-                 log: Callable[[str], None] | None = None) -> None:
+                 log: Callable[[str], None] | None = None,
+                 preemption: Callable[[], dict[str, Any]] = env_preemption,
+                 stop_job: Callable[[str], None] | None = None) -> None:
         self._list_alive, self._lookup, self._nodes, self._quotas_fn = list_alive, lookup, nodes, quotas
+        self._preemption_fn, self._stop_job = preemption, stop_job
+        self._preemption_now: dict[str, Any] = {}
+        self.preemptions = 0  # victims asked to yield since start (tests, the board)
         self._log = log or (lambda line: print(line, flush=True))
         self._lock = threading.Lock()
         self._regs: dict[str, dict[str, Any]] = {}  # job_id -> {phase, admitted, job, seen}
@@ -129,12 +169,31 @@ class SchedulerCore:
             r.update(phase=phase, seen=time.time(), job=job)
             if info is not None:
                 r["info"] = info
+            back = int((info or {}).get("preempted") or 0)  # how often this job has yielded so far
+            if phase is Phase.WAITING and back > r.get("preempted", 0):
+                # A victim back in the queue after checkpointing: it asks for admission again.
+                r["preempted"] = back
+                if r.get("admitted"):
+                    self._log(f"[raybig-scheduler] {job_id} preempted: stopped at step "
+                              f"{(info or {}).get('preempted_at_step', '?')}, back in the queue")
+                r["admitted"] = False
+                r.pop("preempt", None)
+                r.pop("workers", None)
             if phase is Phase.RUNNING:
                 r["admitted"] = True  # a holder that says it runs was admitted (maybe before a restart)
+                yielding = (info or {}).get("yielding")
+                if yielding and "preempt" not in r:
+                    r["preempt"] = dict(yielding)  # asked before a scheduler restart: still leaving
             elif phase is Phase.BACKOFF:
                 r["admitted"] = False
-            return {"admitted": bool(r["admitted"]), "reason": self._decision.reasons.get(job_id, "in queue"),
-                    "position": self._decision.positions.get(job_id), "recovering": self._recovering}
+                r.pop("preempt", None)
+            out = {"admitted": bool(r["admitted"]), "reason": self._decision.reasons.get(job_id, "in queue"),
+                   "position": self._decision.positions.get(job_id), "recovering": self._recovering}
+            if r["admitted"] and r.get("workers"):
+                out["workers"] = r["workers"]  # a worker range admitted below its maximum
+            if r["admitted"] and r.get("preempt"):
+                out["preempt"] = r["preempt"]  # checkpoint now and stop: a higher-priority job needs room
+            return out
 
     def release(self, job_id: str, outcome: dict[str, Any] | None = None) -> None:
         """Forget a job that ended; its reservation is free at the next tick.
@@ -173,11 +232,17 @@ class SchedulerCore:
                     e["state"] = JobState.RETRYING.value
                 elif r.get("admitted") or phase is Phase.RUNNING:
                     e["state"] = JobState.RUNNING.value
+                    if r.get("preempt"):
+                        e["reason"] = f"preempted for {r['preempt'].get('by')}: checkpointing"
+                    if r.get("workers"):
+                        e["workers"] = r["workers"]
                 else:
-                    e["state"] = JobState.QUEUED.value
+                    e["state"] = (JobState.PREEMPTED if r.get("preempted") else JobState.QUEUED).value
                     e["reason"] = reasons.get(jid, "in queue")
                     if jid in positions:
                         e["position"] = positions[jid]
+                if r.get("preempted"):
+                    e["preempted"] = r["preempted"]
                 for k in ("attempt", "of", "error", "metrics"):
                     if info.get(k):
                         e[k] = info[k]
@@ -187,16 +252,22 @@ class SchedulerCore:
                 j = r.get("job") or {}
                 if r.get("admitted") and r.get("phase") is not Phase.BACKOFF and j.get("demand") is not None:
                     u = usage.setdefault(str(j.get("user", "")), {})
-                    for k, v in Demand.from_json(j["demand"]).total().items():
+                    n = r.get("workers")  # a worker range admitted below its maximum
+                    d = next((d for m, d in j.get("sizes") or () if m == n), j["demand"]) if n else j["demand"]
+                    for k, v in Demand.from_json(d).total().items():
                         u[k] = u.get(k, 0.0) + v
             return {"t": round(time.time(), 3), "recovering": self._recovering, "quotas": self._quotas_now,
-                    "usage": usage, "jobs": jobs}
+                    "usage": usage, "preemption": self._preemption_now, "preemptions": self.preemptions,
+                    "jobs": jobs}
 
     def snapshot(self) -> dict[str, Any]:
         """The actor's state for tests and debugging (registrations, reasons, positions, pid)."""
         with self._lock:
-            return {"regs": {k: {"phase": _value(v.get("phase")), "admitted": v.get("admitted")}
+            # Preemption and worker-range fields only where set (most jobs: phase and admitted alone).
+            return {"regs": {k: {"phase": _value(v.get("phase")), "admitted": v.get("admitted"),
+                                 **{f: v[f] for f in ("preempt", "preempted", "workers") if v.get(f)}}
                              for k, v in self._regs.items()},
+                    "preemptions": self.preemptions,
                     "reasons": dict(self._decision.reasons), "positions": dict(self._decision.positions),
                     "ticks": self._ticks, "recovering": self._recovering, "started": self._started,
                     "pid": os.getpid(), "last_error": self._last_error}
@@ -214,13 +285,14 @@ class SchedulerCore:
         """The policy's `Job` for a table entry: parsed once per (job id, metadata), then copied."""
         # The fields job_from_metadata reads (Ray never changes a job's metadata; a new job is a new id).
         h = hash((md.get("raybig_priority"), md.get("raybig_submitted_at"), md.get("raybig_demand"),
-                  md.get("raybig_user")))
+                  md.get("raybig_user"), md.get("raybig_preemptible"), md.get("raybig_sizes")))
         hit = self._parsed.get(jid)
         if hit is None or hit[0] != h:
             self.parses += 1
             hit = self._parsed[jid] = (h, job_from_metadata(jid, md))
         j = hit[1]  # a fresh copy: ready/admitted are set on it per tick
-        return Job(j.job_id, j.priority, j.submitted_at, j.demand, j.user, ready=False)
+        return Job(j.job_id, j.priority, j.submitted_at, j.demand, j.user, ready=False,
+                   preemptible=j.preemptible, sizes=j.sizes)
 
     def tick(self) -> None:
         """One scheduling round: read the job table, drop ended jobs, decide admissions."""
@@ -267,21 +339,56 @@ class SchedulerCore:
                 if r:
                     job.ready = r.get("phase") is Phase.WAITING
                     job.admitted = bool(r.get("admitted"))
+                    _admitted_shape(job, r)
                 jobs.append(job)
             for jid, r in self._regs.items():  # registered but not yet visible in the table
                 if jid not in alive and jid not in table and r.get("job"):
                     jobs.append(_job_from_reg(jid, r))
             self._quotas_now = self._quotas_fn()
-            dec = decide(jobs, self._nodes(), self._quotas_now)
+            pre = self._preemption_now = self._preemption_fn()
+            policy = Preemption(min_gap=max(1, int(pre.get("min_gap", 1)))) if pre.get("enabled", True) else None
+            dec = decide(jobs, self._nodes(), self._quotas_now, policy)
             newly = [jid for jid in dec.admit if jid in self._regs and not self._regs[jid].get("admitted")]
             for jid in dec.admit:
                 if jid in self._regs:
                     self._regs[jid]["admitted"] = True
+                    if jid in dec.workers:
+                        self._regs[jid]["workers"] = dec.workers[jid]
             if dec.admit:  # an audit trail in the actor's log: what changed since the last admission
                 self._audit(dec.admit, jobs)
+            self._preempt(dec, jobs, float(pre.get("grace_s", 120)))
             self._decision = dec
             self._ticks += 1
             scheduler_observe(jobs, newly)  # Prometheus: queue depth by priority, admissions, waits
+
+    def _preempt(self, dec: Decision, jobs: list[Job], grace_s: float) -> None:
+        """Ask the decision's victims to yield (their holders learn it from the heartbeat answer).
+
+        Also stops the Ray job of a victim whose holder has not stopped its run long after the bound.
+        """
+        now = time.time()
+        by_id = {j.job_id: j for j in jobs}
+        for victim, head in dec.preempt.items():
+            r = self._regs.get(victim)
+            if r is None or not r.get("admitted") or r.get("preempt"):
+                continue
+            r["preempt"] = {"by": head, "t": round(now, 3), "grace_s": grace_s}
+            self.preemptions += 1
+            v, h = by_id.get(victim), by_id.get(head)
+            self._log(f"[raybig-scheduler] preempt {victim} (priority {v.priority if v else '?'}) for {head} "
+                      f"(priority {h.priority if h else '?'}): checkpoint now, within {grace_s:g} s")
+            scheduler_preempted(v.priority if v else 0)
+        for jid, r in self._regs.items():
+            p = r.get("preempt")
+            if (p and r.get("admitted") and not p.get("stopped") and self._stop_job is not None
+                    and now - float(p.get("t", now)) > float(p.get("grace_s", grace_s)) + HARD_STOP_S):
+                p["stopped"] = True
+                self._log(f"[raybig-scheduler] {jid} did not yield within {p.get('grace_s')} s + {HARD_STOP_S:g} s: "
+                          "stopping its Ray job")
+                try:
+                    self._stop_job(jid)
+                except Exception as e:  # noqa: BLE001 - logged; the next tick sees whether it ended
+                    self._log(f"[raybig-scheduler] stopping {jid} failed: {e}")
 
     def _audit(self, admit: list[str], jobs: list[Job]) -> None:
         """Log the admissions with the jobs whose (priority, ready, admitted) changed since the last one."""
@@ -299,7 +406,8 @@ class RaybigScheduler(SchedulerCore):
     """The cluster's one scheduler actor: admits queued jobs by policy (see the module docstring)."""
 
     def __init__(self) -> None:
-        super().__init__(_job_table, _job_statuses, _nodes, quotas=cluster_quotas)
+        super().__init__(_job_table, _job_statuses, _nodes, quotas=cluster_quotas, preemption=cluster_preemption,
+                         stop_job=_stop_ray_job)
         threading.Thread(target=self._loop, daemon=True).start()
 
     def _loop(self) -> None:
@@ -342,7 +450,17 @@ def write_board(board: dict[str, Any], previous: bytes = b"", path: str | None =
 def _job_from_reg(jid: str, r: dict[str, Any]) -> Job:
     j = r["job"]
     return Job(jid, int(j["priority"]), float(j["submitted_at"]), Demand.from_json(j["demand"]),
-               j.get("user", ""), ready=r.get("phase") is Phase.WAITING, admitted=bool(r.get("admitted")))
+               j.get("user", ""), ready=r.get("phase") is Phase.WAITING, admitted=bool(r.get("admitted")),
+               preemptible=bool(j.get("preemptible")), preempting=bool(r.get("admitted") and r.get("preempt")),
+               sizes=tuple((int(n), Demand.from_json(d)) for n, d in j.get("sizes") or ()))
+
+
+def _admitted_shape(job: Job, r: dict[str, Any]) -> None:
+    """An admitted job's gang as admitted: a worker range at its admitted size; marks a leaving victim."""
+    job.preempting = job.admitted and bool(r.get("preempt"))
+    n = r.get("workers") or (r.get("job") or {}).get("workers")
+    if job.admitted and n:
+        job.demand = next((d for m, d in job.sizes if m == n), job.demand)
 
 
 def _value(v: Any) -> Any:
@@ -388,6 +506,14 @@ def _job_statuses(job_ids: Iterable[str]) -> JobTable:
         info: Any = JobInfo.from_json(json.loads(raw))
         out[jid] = (JobStatus(_value(info.status)), info.metadata or {})
     return out
+
+
+def _stop_ray_job(job_id: str) -> None:
+    """`ray job stop JOB`, from inside the cluster: ask the job's supervisor actor to stop its driver."""
+    from ray.dashboard.modules.job.common import JOB_ACTOR_NAME_TEMPLATE, SUPERVISOR_ACTOR_RAY_NAMESPACE
+
+    actor = ray.get_actor(JOB_ACTOR_NAME_TEMPLATE.format(job_id=job_id), namespace=SUPERVISOR_ACTOR_RAY_NAMESPACE)
+    actor.stop.remote()
 
 
 def _nodes() -> list[Node]:

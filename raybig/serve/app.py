@@ -64,6 +64,8 @@ class AppArgs(BaseModel):
     # sha256 of the API key (hex): the key itself never enters the config, the dashboard or logs.
     api_key_sha256: str | None = None
     deployment: dict[str, Any] = {}  # Serve options (autoscaling_config, ray_actor_options, ...)
+    task: str = "causal_lm"  # "classification": the export is a classifier (raybig.serve.classify)
+    max_inputs: int = 256  # classifier: most examples per /v1/predict request
 
 
 api = FastAPI(title="raybig completions")
@@ -252,6 +254,14 @@ class Completions:
             return _err(e)
         return await self._answer(job, req.stream, req.stream_options, timer)
 
+    @api.post("/v1/predict")
+    async def predict(self) -> Any:
+        """Not offered for a language model: 404 `unsupported_route` pointing at the completions routes."""
+        from raybig.serve.predict import wrong_route
+
+        return _err(wrong_route(self.args.model_name, "language model",
+                                "POST /v1/completions or /v1/chat/completions"))
+
     async def _answer(self, job: Job, stream: bool, stream_options: dict[str, Any] | None,
                       timer: RequestTimer) -> Any:
         if stream:
@@ -334,8 +344,16 @@ class Completions:
 
 
 def build_app(args: dict[str, Any]) -> serve.Application:
-    """App builder for Serve's declarative config (and for `serve.run` in-process)."""
+    """App builder for Serve's declarative config (and for `serve.run` in-process).
+
+    A classifier export (`task: classification` in the args) gets the prediction app
+    (`raybig.serve.classify`); every other export the completions app.
+    """
     a = AppArgs.model_validate(args)
+    if a.task == "classification":
+        from raybig.serve.classify import build_classifier_app
+
+        return build_classifier_app(a)
     deployment = cast(serve.Deployment, Completions)  # what @serve.deployment made of the class
     return deployment.options(**a.deployment).bind(a.model_dump())
 

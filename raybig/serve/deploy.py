@@ -98,11 +98,34 @@ def app_args(spec: ServeSpec, checkpoint: str | None = None) -> dict[str, Any]:
     except KeyError:
         raise ServeError(f"api_key_env: environment variable {spec.api_key_env} is not set") from None
     threads = spec.resources.torch_threads or max(1, int(spec.resources.num_cpus))
-    return {"checkpoint": ckpt, "model_name": spec.name, "quantize": spec.quantize,
+    return {"task": export_task(ckpt), "checkpoint": ckpt, "model_name": spec.name, "quantize": spec.quantize,
             "generation": spec.generation.model_dump(), "max_num_seqs": spec.batching.batch_size,
             "batching_mode": spec.batching.mode, "max_prefill_tokens": spec.batching.max_prefill_tokens,
             "batch_wait_timeout_s": spec.batching.batch_wait_timeout_s if spec.batching.enabled else 0.0,
             "torch_threads": threads, "api_key_sha256": digest, "deployment": deployment_options(spec)}
+
+
+def export_task(export_dir: str) -> str:
+    """`classification` for a classifier export (served at /v1/predict), else `causal_lm`.
+
+    Raises:
+        ServeError: the export's config.json cannot be read.
+    """
+    from raybig.serve.predict import classifier_info
+    from raybig.train.export import ExportError, read_config
+
+    try:
+        cfg = read_config(export_dir)
+    except (ExportError, OSError, ValueError) as e:
+        raise ServeError(f"checkpoint: {export_dir}: {e}") from None
+    return "classification" if classifier_info(cfg) is not None else "causal_lm"
+
+
+def deployment_name(args: dict[str, Any]) -> str:
+    """The Serve deployment `build_app` makes for these args (the classifier's or the completions one)."""
+    from raybig.serve.classify import CLASSIFIER_DEPLOYMENT
+
+    return CLASSIFIER_DEPLOYMENT if args.get("task") == "classification" else DEPLOYMENT
 
 
 def app_config(spec: ServeSpec, checkpoint: str | None = None) -> dict[str, Any]:
@@ -112,7 +135,7 @@ def app_config(spec: ServeSpec, checkpoint: str | None = None) -> dict[str, Any]
         return {"name": spec.name, "route_prefix": spec.route_prefix, "import_path": VLLM_IMPORT_PATH,
                 "args": args}
     return {"name": spec.name, "route_prefix": spec.route_prefix, "import_path": IMPORT_PATH,
-            "args": args, "deployments": [{"name": DEPLOYMENT, **deployment_options(spec)}]}
+            "args": args, "deployments": [{"name": deployment_name(args), **deployment_options(spec)}]}
 
 
 def serve_config(spec: ServeSpec, checkpoint: str | None = None) -> dict[str, Any]:

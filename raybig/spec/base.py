@@ -140,7 +140,15 @@ K/M/G/T are powers of 1000, Ki/Mi/Gi/Ti and KiB/... powers of 1024); at most 1 E
 class QueuedSpec(Strict):
     """Base of the kinds the scheduler queues (train, sweep, probe, pipeline)."""
 
-    _dump_last: ClassVar[tuple[str, ...]] = ("priority", "max_retries")
+    _dump_last: ClassVar[tuple[str, ...]] = ("preemptible", "priority", "max_retries")
 
+    preemptible: bool | None = Field(None, description=(
+        "May the scheduler checkpoint and stop this job to make room for one of higher priority (it "
+        "resumes from that checkpoint when admitted again)? Unset: the kind's default (train: yes; "
+        "sweep, probe, pipeline: no)."))
     priority: int = Field(0, ge=-1000, le=1000, description="Scheduler priority (higher runs first).")
     max_retries: int = Field(0, ge=0, le=100, description="Scheduler retries of a failed job.")
+
+    def is_preemptible(self) -> bool:
+        """`preemptible`, or the kind's default when unset (only train jobs yield by default)."""
+        return self.preemptible if self.preemptible is not None else getattr(self, "kind", "") == "train"

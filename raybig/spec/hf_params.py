@@ -120,6 +120,37 @@ def read_safetensors_header(uri: str) -> dict[str, dict[str, Any]]:
 # --------------------------------------------------------------------------- known architectures
 
 
+HEAD_MAPPINGS = {"causal_lm": "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES", "masked_lm": "MODEL_FOR_MASKED_LM_MAPPING_NAMES",
+                 "classification": "MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES"}
+"""raybig task -> the transformers auto mapping whose model types have that task's head."""
+
+
+@functools.lru_cache(maxsize=4)
+def known_head_types(task: str) -> frozenset[str] | None:
+    """Model types that have `task`'s head (`HEAD_MAPPINGS`), read with `ast` as `known_causal_lm_types`.
+
+    None when transformers is absent or its layout changed (the check is then left to load time).
+    """
+    spec = importlib.util.find_spec("transformers")
+    if spec is None or not spec.submodule_search_locations or task not in HEAD_MAPPINGS:
+        return None
+    src = os.path.join(list(spec.submodule_search_locations)[0], "models", "auto", "modeling_auto.py")
+    try:
+        with open(src, encoding="utf-8") as f:
+            tree = ast.parse(f.read())
+    except (OSError, SyntaxError):
+        return None
+    for node in tree.body:
+        if (isinstance(node, ast.Assign) and len(node.targets) == 1
+                and getattr(node.targets[0], "id", None) == HEAD_MAPPINGS[task]
+                and isinstance(node.value, ast.Call) and node.value.args):
+            try:
+                return frozenset(k for k, _ in ast.literal_eval(node.value.args[0]))
+            except ValueError:
+                return None
+    return None
+
+
 @functools.lru_cache(maxsize=1)
 def known_causal_lm_types() -> frozenset[str] | None:
     """Model types (`config.json` `model_type`) that `AutoModelForCausalLM` maps to a class.
@@ -287,8 +318,32 @@ _DECODER_DEFAULTS: dict[str, dict[str, Any]] = {
     "qwen3": dict(vocab_size=151936, hidden_size=4096, intermediate_size=22016, num_hidden_layers=32,
                   num_attention_heads=32, num_key_value_heads=32, head_dim=128, tie_word_embeddings=False),
 }
-CONFIG_COUNTED = ("gpt2", *_DECODER_DEFAULTS)
+CONFIG_COUNTED = ("gpt2", "bert", *_DECODER_DEFAULTS)
 """Architectures whose parameter shapes `config_shapes` derives from config.json alone."""
+
+
+def _bert_shapes(cfg: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
+    # BertForMaskedLM (transformers' modeling_bert): post-norm encoder blocks, an MLM head whose
+    # decoder is tied to the word embeddings (only its bias is its own). Defaults: BertConfig's.
+    V, H = int(_get(cfg, "vocab_size", 30522)), int(_get(cfg, "hidden_size", 768))
+    I_, L = int(_get(cfg, "intermediate_size", 3072)), int(_get(cfg, "num_hidden_layers", 12))
+    P, Tt = int(_get(cfg, "max_position_embeddings", 512)), int(_get(cfg, "type_vocab_size", 2))
+    e = "bert.embeddings."
+    out: dict[str, tuple[int, ...]] = {e + "word_embeddings.weight": (V, H), e + "position_embeddings.weight": (P, H),
+                                       e + "token_type_embeddings.weight": (Tt, H), e + "LayerNorm.weight": (H,),
+                                       e + "LayerNorm.bias": (H,)}
+    for i in range(L):
+        b = f"bert.encoder.layer.{i}."
+        for m in ("attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense"):
+            out[f"{b}{m}.weight"], out[f"{b}{m}.bias"] = (H, H), (H,)
+        out[b + "intermediate.dense.weight"], out[b + "intermediate.dense.bias"] = (I_, H), (I_,)
+        out[b + "output.dense.weight"], out[b + "output.dense.bias"] = (H, I_), (H,)
+        for n in ("attention.output.LayerNorm", "output.LayerNorm"):
+            out[f"{b}{n}.weight"], out[f"{b}{n}.bias"] = (H,), (H,)
+    h = "cls.predictions."
+    out.update({h + "transform.dense.weight": (H, H), h + "transform.dense.bias": (H,),
+                h + "transform.LayerNorm.weight": (H,), h + "transform.LayerNorm.bias": (H,), h + "bias": (V,)})
+    return out
 
 
 def _decoder_shapes(cfg: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
@@ -383,6 +438,8 @@ def config_shapes(config: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
     mt = config.get("model_type")
     if mt == "gpt2":
         return _gpt2_shapes(config)
+    if mt == "bert":
+        return _bert_shapes(config)
     if mt in _DECODER_DEFAULTS:
         return _decoder_shapes(config)
     raise UnknownArchitectureError(
@@ -553,6 +610,32 @@ def tokenizer_vocab_size(folder: str) -> int | None:
     elif isinstance(vocab, list):  # Unigram: [[piece, score], ...], id = position
         ids.append(len(vocab) - 1)
     return max(ids) + 1 if ids else None
+
+
+def mask_token_id(folder: str) -> int | None:
+    """The id of the folder's tokenizer's mask token ([MASK], <mask>), read from its JSON files; None if none.
+
+    The token comes from tokenizer_config.json or special_tokens_map.json (`mask_token`), its id from
+    tokenizer.json (added tokens, then the model's vocabulary).
+    """
+    fs, path = _fs(folder)
+    token = None
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        f = _join(path, name)
+        if token is None and fs.exists(f):
+            with fs.open(f, "rb") as fh:
+                v = json.loads(fh.read().decode("utf-8")).get("mask_token")
+            token = v.get("content") if isinstance(v, dict) else v
+    tj = _join(path, "tokenizer.json")
+    if token is None or not fs.exists(tj):
+        return None
+    with fs.open(tj, "rb") as fh:
+        tok = json.loads(fh.read().decode("utf-8"))
+    for a in tok.get("added_tokens") or []:
+        if a.get("content") == token and "id" in a:
+            return int(a["id"])
+    vocab = (tok.get("model") or {}).get("vocab")
+    return int(vocab[token]) if isinstance(vocab, dict) and token in vocab else None
 
 
 def has_tokenizer(folder: str) -> bool:

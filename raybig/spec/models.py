@@ -7,6 +7,7 @@ union of all of them, is in `raybig.spec.job`.
 from __future__ import annotations
 
 import functools
+import math
 import os
 import re
 from typing import Any, Literal
@@ -269,6 +270,10 @@ class DataSpec(Strict):
     packed: bool | None = Field(None, description="Pack whole examples into each seq_len row, each attending "
                                 "only within itself (raybig's GPT; see README for Hugging Face models). "
                                 "Default: true for instruction and chat data, false for text (random windows).")
+    target: str | None = Field(None, pattern=r"^[\w.]+:\w+$", description="task: custom: a plug-in dataset "
+                               "'package.module:factory' returning a map-style dataset of examples (see README, "
+                               "Plug-ins); the other data fields are then unused.")
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments for `data.target`.")
 
     @field_validator("path")
     @classmethod
@@ -394,7 +399,13 @@ class TrainLoopSpec(Strict):
 
     steps: int = Field(300, ge=1, le=100_000_000, description="Optimizer steps.")
     micro_batch_size: int = Field(8, ge=1, le=65536, description="Sequences per worker per micro step.")
-    grad_accum: int = Field(1, ge=1, le=4096, description="Micro steps per optimizer step.")
+    grad_accum: int = Field(1, ge=1, le=4096, description="Micro steps per optimizer step (derived from "
+                            "global_batch_size when that is set).")
+    global_batch_size: int | None = Field(
+        None, ge=1, le=2**31 - 1, description="Sequences per optimizer step over all workers, kept whatever "
+        "the worker count: grad_accum becomes global_batch_size / (micro_batch_size x resources.workers), which "
+        "must divide evenly (a given grad_accum is replaced). None: grad_accum as given, so the global batch "
+        "follows the worker count.")
     lr: float = Field(3e-4, gt=0.0, le=10.0, description="Peak learning rate.")
     min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0, description="Cosine floor as a fraction of lr.")
     warmup_steps: int | None = Field(None, ge=0, description="Linear warmup steps "
@@ -461,12 +472,50 @@ class DeepSpeedSpec(Strict):
 class ResourcesSpec(Strict):
     """The gang of Ray Train workers."""
 
-    workers: int = Field(2, ge=1, le=4096, description="Ray Train workers (data-parallel ranks).")
+    workers: int = Field(2, ge=1, le=4096, description="Ray Train workers (data-parallel ranks). An int, or a "
+                         "range `{min: a, max: b}`: then `workers` is the max (what `raybig run` starts) and "
+                         "`min_workers` the min; the queue may start the job at any size in between, and a "
+                         "resume at another size converts its ZeRO checkpoint (raybig.train.universal).")
+    min_workers: int | None = Field(None, ge=1, le=4096, description="The fewest workers the job may run on "
+                                    "(set by a `workers: {min, max}` range; None: exactly `workers`).")
     cpus_per_worker: float = Field(1.0, gt=0.0, le=1024, description="CPUs reserved per worker.")
     gpus_per_worker: float = Field(0.0, ge=0.0, le=16, description="GPUs per worker (0 = CPU training).")
     memory_per_worker: Bytes | None = Field(None, description="RAM per worker in bytes, e.g. '8GiB'; "
                                             "checked against the ZeRO memory estimate and reserved in Ray.")
     custom: dict[str, float] = Field(default_factory=dict, description="Custom Ray resources per worker.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _workers_range(cls, data: Any) -> Any:
+        # `workers: {min: a, max: b}` -> workers=b, min_workers=a (what every later layer reads).
+        if not isinstance(data, dict) or not isinstance(data.get("workers"), dict):
+            return data
+        from raybig.spec.issues import did_you_mean
+
+        rng = data["workers"]
+        for k in rng:
+            if k not in ("min", "max"):
+                hint = did_you_mean(str(k), ["min", "max"])
+                raise at(f"workers.{k}", f"unknown key {str(k)[:40]!r}{hint} (a worker range has min and max)")
+        for k in ("min", "max"):
+            v = rng.get(k)
+            if v is None:
+                raise at(f"workers.{k}", "required key is missing (a worker range is {min: a, max: b})")
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise at(f"workers.{k}", f"must be a whole number of workers (got {str(v)[:40]!r})")
+            if not 1 <= v <= 4096:
+                raise at(f"workers.{k}", f"must be between 1 and 4096 (got {v})")
+        if rng["min"] > rng["max"]:
+            raise at("workers", f"min={rng['min']} exceeds max={rng['max']}")
+        if data.get("min_workers") is not None:
+            raise at("min_workers", "set either a workers range {min, max} or min_workers, not both")
+        return {**data, "workers": rng["max"], "min_workers": rng["min"]}
+
+    @model_validator(mode="after")
+    def _min_le_max(self) -> ResourcesSpec:
+        if self.min_workers is not None and self.min_workers > self.workers:
+            raise at("min_workers", f"min_workers={self.min_workers} exceeds workers={self.workers}")
+        return self
 
     @field_validator("gpus_per_worker")
     @classmethod
@@ -640,7 +689,14 @@ class ClassifierSpec(Strict):
                               "the head's hidden width is the first (cnn).")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout after hidden layers (mlp).")
     dataset: str = Field("digits", min_length=1, description="digits (scikit-learn's 8x8 digits, shipped, "
-                         "offline) or an .npz (any fsspec URI) with x_train, y_train, x_val, y_val, or x, y.")
+                         "offline), an .npz (any fsspec URI) with x_train, y_train, x_val, y_val, or x, y, or a "
+                         ".parquet with a list column `x`, an integer column `label_field` and optionally a "
+                         "`split` column (train/val).")
+    input_shape: list[int] | None = Field(None, description="Shape of one example (no batch dim), e.g. "
+                                          "[8, 8] or [1, 28, 28]; default: the arrays' own. Flat rows "
+                                          "(parquet lists) are reshaped to it; the cnn needs 2 or 3 dims.")
+    label_field: str = Field("label", min_length=1, description="The label column (parquet) or field "
+                             "(jsonl, Hugging Face sequence classifier).")
     val_fraction: float = Field(0.2, gt=0.0, lt=0.9, description="Held out when the dataset has no "
                                 "validation arrays (stratified, seeded by `seed`).")
     num_classes: int | None = Field(None, ge=2, le=1_000_000, description="Classes; default: max label + 1.")
@@ -657,8 +713,95 @@ class ClassifierSpec(Strict):
     def _dataset(cls, v: str) -> str:
         if v == "digits":
             return v
-        if not v.endswith(".npz"):
-            raise ValueError(f"{v!r}: use digits or an .npz file (x_train, y_train, x_val, y_val, or x, y)")
+        if not v.endswith((".npz", ".parquet")):
+            raise ValueError(f"{v!r}: use digits, an .npz file (x_train, y_train, x_val, y_val, or x, y) or "
+                             "a .parquet file (x, label)")
+        return v if "://" in v else os.path.abspath(os.path.expanduser(v))
+
+    @model_validator(mode="after")
+    def _shape(self) -> ClassifierSpec:
+        s = self.input_shape
+        if s is not None and (not s or any(d < 1 for d in s)):
+            raise at("input_shape", "give each dimension as a positive integer")
+        if self.arch == "cnn" and s is not None and len(s) not in (2, 3):
+            raise at("input_shape", f"the cnn takes (H, W) or (C, H, W) images, not shape {s}")
+        if self.arch == "cnn" and s is not None and min(s[-2:]) < 2:
+            raise at("input_shape", f"the cnn's 2x2 max-pool needs images of at least 2x2, not {s}")
+        problem = check_array_file(self) if self.dataset != "digits" and "://" not in self.dataset else None
+        if problem:
+            raise at(problem[0], problem[1])
+        return self
+
+
+def check_array_file(c: ClassifierSpec) -> tuple[str, str] | None:
+    """(field, message) if a local array file cannot feed `c`'s model: shapes or labels; else None.
+
+    Reads .npz headers and label arrays only (numpy, no torch), parquet's schema and label column.
+    A missing file is left to run time (it may be written before the job starts).
+    """
+    import numpy as np
+
+    if not os.path.exists(c.dataset):
+        return None
+    try:
+        if c.dataset.endswith(".npz"):
+            with np.load(c.dataset, allow_pickle=False) as z:
+                names = set(z.files)
+                xs = [k for k in ("x_train", "x_val", "x") if k in names]
+                ys = [k for k in ("y_train", "y_val", "y") if k in names]
+                if not xs or not ys:
+                    return "dataset", f"{c.dataset} must hold x_train, y_train, x_val, y_val (or x, y); it holds {sorted(names)}"
+                shapes = {k: tuple(z[k].shape[1:]) for k in xs}
+                labels = [z[k] for k in ys]
+        else:
+            import pyarrow.parquet as pq
+
+            t = pq.read_table(c.dataset, columns=None)
+            if "x" not in t.column_names or c.label_field not in t.column_names:
+                return "dataset", (f"{c.dataset} needs columns x and {c.label_field!r} (label_field); it has "
+                                   f"{t.column_names}")
+            first = t.column("x")[0].as_py() if t.num_rows else []
+            shapes = {"x": tuple(np.asarray(first).shape)}
+            labels = [t.column(c.label_field).to_numpy()]
+    except (OSError, ValueError, KeyError) as e:
+        return "dataset", f"{c.dataset}: cannot read it: {e}"
+    for k, shape in shapes.items():
+        if c.input_shape is not None and int(np.prod(shape)) != int(np.prod(c.input_shape)):
+            return "input_shape", f"{k} in {c.dataset} has examples of shape {list(shape)}, not {c.input_shape}"
+        if c.arch == "cnn" and c.input_shape is None and len(shape) not in (2, 3):
+            return "arch", (f"the cnn takes (H, W) or (C, H, W) images but {k} has examples of shape "
+                            f"{list(shape)}; set classifier.input_shape")
+    for y in labels:
+        if y.size and not np.issubdtype(y.dtype, np.integer):
+            return "dataset", f"{c.dataset}: labels must be integers, not {y.dtype}"
+        if y.size and c.num_classes is not None and (y.min() < 0 or y.max() >= c.num_classes):
+            return "num_classes", (f"labels in {c.dataset} lie in [{y.min()}, {y.max()}], outside "
+                                   f"[0, {c.num_classes})")
+        if y.size and y.min() < 0:
+            return "dataset", f"labels in {c.dataset} must be >= 0, found {y.min()}"
+    return None
+
+
+class MaskedLMSpec(Strict):
+    """BERT masking for `task: masked_lm` (Devlin et al. 2019, section 3.1)."""
+
+    probability: float = Field(0.15, gt=0.0, lt=1.0, description="Fraction of (non-special) tokens chosen "
+                               "for prediction; of those 80% become [MASK], 10% a random token, 10% stay.")
+
+
+class DistillSpec(Strict):
+    """Knowledge distillation (Hinton et al. 2015): the loss mixes the data loss and the teacher's soft targets."""
+
+    teacher: str = Field(..., min_length=1, description="The teacher: an export dir or a run dir (any "
+                         "fsspec URI); same vocabulary (or classes) as the student.")
+    temperature: float = Field(2.0, gt=0.0, le=100.0, description="Softmax temperature T of both models' "
+                               "logits in the KL term (the term is scaled by T^2).")
+    alpha: float = Field(0.5, ge=0.0, le=1.0, description="Loss = (1 - alpha) * data loss + alpha * T^2 * "
+                         "KL(teacher_T || student_T).")
+
+    @field_validator("teacher")
+    @classmethod
+    def _teacher(cls, v: str) -> str:
         return v if "://" in v else os.path.abspath(os.path.expanduser(v))
 
 
@@ -679,13 +822,76 @@ class TrainSpec(QueuedSpec):
                                   "checkpoint URI.")
     sample: SampleSpec = Field(default_factory=SampleSpec)
     finetune: FinetuneSpec = Field(default_factory=FinetuneSpec)
-    task: Literal["causal_lm", "classification"] = Field(
-        "causal_lm", description="What training optimises: causal_lm (next-token prediction) or "
-        "classification (a `classifier` on labelled arrays; accuracy is reported with the loss).")
+    task: Literal["causal_lm", "masked_lm", "classification", "custom"] = Field(
+        "causal_lm", description="What training optimises: causal_lm (next-token prediction), masked_lm "
+        "(BERT masking of a Hugging Face encoder; masked_accuracy beside the loss) or classification (a "
+        "built-in `classifier` on labelled arrays, or a Hugging Face sequence classifier on text+label "
+        "jsonl; accuracy beside the loss) or custom (a plug-in model's forward(batch) on a plug-in dataset, "
+        "data.target; its own loss and named metrics).")
     classifier: ClassifierSpec | None = Field(None, description="The classifier and its data "
                                               "(task: classification; default: an MLP on digits).")
+    masked_lm: MaskedLMSpec | None = Field(None, description="Masking options (task: masked_lm).")
+    distill: DistillSpec | None = Field(None, description="Distil from a teacher export (any task).")
     eval: EvalSpec | None = Field(None, description="Evaluation at the end of training and for `raybig eval`.")
     tracking: TrackingSpec | None = Field(None, description="Experiment tracking (MLflow).")
+
+    @model_validator(mode="after")
+    def _check_custom(self) -> TrainSpec:
+        # task: custom is a plug-in model on a plug-in dataset (raybig.train.plugin_task); each needs the other.
+        if self.data.target is not None and self.task != "custom":
+            raise at("task", f"data.target (a plug-in dataset) trains with task: custom, not {self.task}")
+        if self.task == "custom" and (self.data.target is None or self.model.target is None):
+            missing = "data.target" if self.data.target is None else "model.target"
+            raise at(missing, "task: custom needs a plug-in model (model.target) and a plug-in dataset "
+                     "(data.target), each 'package.module:factory'")
+        return self
+
+    @model_validator(mode="before")
+    @classmethod
+    def _derive_grad_accum(cls, data: Any) -> Any:
+        # train.global_batch_size: grad_accum follows the worker count, so `--set resources.workers=n`
+        # (the queue's elastic start) and a resume on fewer workers keep the global batch.
+        if not isinstance(data, dict) or not isinstance(data.get("train"), dict):
+            return data
+        t = data["train"]
+        gbs = t.get("global_batch_size")
+        res = data["resources"] if isinstance(data.get("resources"), dict) else {}
+        w = res.get("workers", ResourcesSpec.model_fields["workers"].default)
+        if isinstance(w, dict):
+            w = w.get("max")
+        mb = t.get("micro_batch_size", TrainLoopSpec.model_fields["micro_batch_size"].default)
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in (gbs, w, mb)):
+            return data  # unset, or a bad value its own field reports
+        per = mb * w
+        if gbs % per or gbs // per > 4096:
+            return data  # _check_global_batch says why, once every field is valid
+        return {**data, "train": {**t, "grad_accum": gbs // per}}
+
+    @model_validator(mode="after")
+    def _check_global_batch(self) -> TrainSpec:
+        gbs = self.train.global_batch_size
+        if gbs is None:
+            return self
+        mb, w = self.train.micro_batch_size, self.resources.workers
+        per = mb * w
+        if gbs % per:
+            raise at("train.global_batch_size", f"global_batch_size={gbs} is not a multiple of micro_batch_size "
+                     f"x workers = {mb} x {w} = {per}; use a multiple of {per} (e.g. {max(1, gbs // per) * per}) "
+                     f"or another micro_batch_size")
+        if gbs // per > 4096:
+            raise at("train.global_batch_size", f"global_batch_size={gbs} needs grad_accum={gbs // per} "
+                     f"(at most 4096) with micro_batch_size={mb} x workers={w}; raise micro_batch_size")
+        lo = self.resources.min_workers or w
+        # The queue may start a range at any size in it: each must split the global batch evenly.
+        if gbs % mb == 0 and (bad := [n for n in range(lo, w + 1) if (gbs // mb) % n]):
+            lcm = functools.reduce(math.lcm, range(lo, w + 1), 1) * mb
+            raise at("train.global_batch_size", f"global_batch_size={gbs} does not split evenly over "
+                     f"{', '.join(map(str, bad[:6]))} workers of micro_batch_size={mb}, sizes the worker range "
+                     f"{lo}..{w} allows; use a multiple of {lcm}, or narrow resources.workers")
+        if gbs != self.global_batch():  # a model_copy that skipped the derivation
+            raise at("train.global_batch_size", f"global_batch_size={gbs} != micro_batch_size x grad_accum x "
+                     f"workers = {self.global_batch()}")
+        return self
 
     @model_validator(mode="after")
     def _check(self) -> TrainSpec:
@@ -696,11 +902,21 @@ class TrainSpec(QueuedSpec):
             raise at("deepspeed.precision", "fp16 is not supported by DeepSpeed's CPU accelerator; "
                      "use fp32 or bf16 (or gpus_per_worker > 0)")
         self._check_tokenizer_and_finetune()
+        if self.masked_lm is not None and self.task != "masked_lm":
+            raise at("masked_lm", f"masked_lm applies to task: masked_lm (this spec's task is {self.task})")
         if self.task == "classification":
             self._check_classification()
         elif self.classifier is not None:
             raise at("classifier", "classifier applies to task: classification (this spec's task is "
                      f"{self.task})")
+        if self.task == "masked_lm" and not self.model.is_hf:
+            raise at("model", "task: masked_lm trains a Hugging Face encoder: give model.hf or "
+                     "model.hf_config (e.g. a BERT config)")
+        if self.task != "causal_lm" and self.model.is_hf and self.data.is_packed():
+            raise at("data", f"task: {self.task} reads plain text (or text+label); drop the instruction "
+                     "fields (prompt_template, response_field, messages_field)")
+        if self.task == "classification":
+            pass  # checked above (a Hugging Face classifier by _check_hf too)
         elif self.model.is_hf:
             self._check_hf()
         elif self.model.target is None:
@@ -713,6 +929,11 @@ class TrainSpec(QueuedSpec):
         problem = check_fit(self) if self.task == "causal_lm" else None
         if problem:
             raise at("resources.memory_per_worker", problem)
+        if self.distill is not None:
+            from raybig.spec.distill import check_teacher
+
+            for sub, msg in check_teacher(self):
+                raise at(f"distill.{sub}", msg)
         return self
 
 
@@ -733,9 +954,17 @@ class TrainSpec(QueuedSpec):
 
     def _check_classification(self) -> None:
         # (A dumped spec lists the default model; only a model someone described is refused.)
-        if "model" in self.model_fields_set and self.model != ModelSpec(preset="gpt-tiny"):
+        if self.model.is_hf:  # a Hugging Face sequence classifier on text+label records
+            self._check_hf()
+            c = self.classifier
+            if c is not None and (c.dataset != "digits" or "arch" in c.model_fields_set):
+                raise at("classifier", "a Hugging Face sequence classifier reads text+label records from "
+                         "`data:` (data.path, data.text_field, classifier.label_field); drop "
+                         "classifier.dataset and classifier.arch")
+        elif "model" in self.model_fields_set and self.model != ModelSpec(preset="gpt-tiny"):
             raise at("model", "task: classification trains a built-in classifier; describe it under "
-                     "`classifier:` (arch, hidden) and drop `model:`")
+                     "`classifier:` (arch, hidden) and drop `model:`, or give model.hf / model.hf_config "
+                     "for a Hugging Face sequence classifier")
         if self.finetune.method != "full":
             raise at("finetune.method", "LoRA applies to causal LMs; a classifier trains in full")
         if self.init_from is not None:
@@ -754,6 +983,11 @@ class TrainSpec(QueuedSpec):
         except hp.ModelSourceError as e:
             raise at(where, str(e)) from None
         cfg = info["config"]
+        heads = hp.known_head_types(self.task)
+        if self.task != "causal_lm" and heads is not None and cfg.get("model_type") not in heads:
+            head = {"masked_lm": "masked-LM", "classification": "sequence-classification"}[self.task]
+            raise at(where, f"model type {cfg.get('model_type')!r} has no {head} head in transformers "
+                     f"(task: {self.task}); use an encoder such as bert, roberta or distilbert")
         n_pos = cfg.get("max_position_embeddings") or cfg.get("n_positions")
         if n_pos and self.data.seq_len > int(n_pos):
             raise at("data.seq_len", f"seq_len={self.data.seq_len} exceeds the model's context "
@@ -772,6 +1006,12 @@ class TrainSpec(QueuedSpec):
             raise at(where if kind == "model" else "data.tokenizer",
                      f"the tokenizer has {n_tok} tokens but the model only {rows} embedding rows; use "
                      "the tokenizer saved with this model (or a smaller data.vocab_size)")
+        if self.task == "masked_lm":
+            has_mask = kind == "model" and info["folder"] is not None and hp.mask_token_id(info["folder"]) is not None
+            if not has_mask and n_tok is not None and rows is not None and rows <= n_tok:
+                raise at(where, f"masked_lm needs a [MASK] id: the tokenizer has no mask token, so raybig "
+                         f"uses id {n_tok} (one past the tokenizer's), but the model has only {rows} "
+                         f"embedding rows; set vocab_size >= {n_tok + 1} in the config")
         if self.finetune.method == "lora":
             try:
                 hp.lora_trainable_params(info["shapes"], self.finetune.r, self.lora_targets())

@@ -25,7 +25,7 @@ from raybig.errors import Issue, SpecError
 from raybig.spec import paths, secrets
 from raybig.spec.base import NAME_RE, Name, QueuedSpec, Strict, at
 from raybig.spec.issues import did_you_mean, first_error
-from raybig.spec.models import StorageSpec, TrainSpec
+from raybig.spec.models import StorageSpec, TrackingSpec, TrainSpec
 
 DIST_KINDS = ("uniform", "loguniform", "randint", "choice", "grid", "value")
 # Paths a sweep may not vary: they name the run, not a hyperparameter.
@@ -103,7 +103,11 @@ class SweepSpec(QueuedSpec):
                                     "size for grid, else 8 or the grid's size). Must cover the grid; "
                                     "random sampling repeats the grid num_samples // grid times.")
     max_concurrent_trials: int = Field(1, ge=1, le=1024, description="Trials running at once.")
-    metric: str = Field("val_loss", min_length=1, description="Reported metric to optimise.")
+    metric: str = Field("val_loss", min_length=1, description="Metric to optimise: one the base spec's "
+                        "training reports (val_loss, loss, val_accuracy for a classifier, ...) or an "
+                        "end-of-training evaluation result of its `eval:` section (eval.perplexity, "
+                        "eval.bits_per_byte, eval.val_accuracy, eval.<lm-eval task>.<metric>); see "
+                        "`metric_names`.")
     mode: Literal["min", "max"] = Field("min", description="Minimise or maximise `metric`.")
     scheduler: Literal["asha", "none"] = Field("asha", description="ASHA early stopping, or none.")
     time_attr: Literal["steps", "tokens"] = Field("steps", description="What grace_period and max_t count.")
@@ -117,6 +121,8 @@ class SweepSpec(QueuedSpec):
                                      "compare like with like).")
     trial_failures: int = Field(0, ge=0, le=100, description="Tune retries of a failed trial.")
     storage: StorageSpec = Field(default_factory=StorageSpec, description="Where the sweep's directory goes.")
+    tracking: TrackingSpec | None = Field(None, description="MLflow: one parent run for the sweep and one "
+                                          "nested child run per trial (default: the base spec's tracking).")
 
     @field_validator("base", mode="before")
     @classmethod
@@ -146,6 +152,8 @@ class SweepSpec(QueuedSpec):
         loaded = (info.context or {}).get("loaded") if info.context else None
         issues = [Issue(("search", key, *sub), msg) for key, sub, msg in check_search(self)]
         issues += [Issue((field,), msg) for field, msg in check_budget(self)]
+        if (problem := check_metric(self)) is not None:
+            issues.append(Issue(("metric",), problem))
         if issues:
             for i in issues:
                 if loaded is not None:
@@ -156,6 +164,17 @@ class SweepSpec(QueuedSpec):
         return self
 
     # --- derived -------------------------------------------------------------------------------
+
+    def mlflow(self) -> Any:
+        """The `MlflowSpec` trials are tracked in: the sweep's `tracking.mlflow`, else the base's; or None."""
+        for t in (self.tracking, self.base.tracking):
+            if t is not None and t.mlflow is not None:
+                return t.mlflow
+        return None
+
+    def metric_is_eval(self) -> bool:
+        """Whether `metric` is an end-of-training evaluation result (`eval.`), measured once per trial."""
+        return self.metric.startswith(EVAL_PREFIX)
 
     def grid_axes(self) -> dict[str, list[Any]]:
         """Search key -> values tried one by one: grid axes, and with algorithm grid choice axes too."""
@@ -300,6 +319,74 @@ def check_budget(spec: SweepSpec) -> list[tuple[str, str]]:
         out.append(("grace_period", f"grace_period={spec.grace_period} exceeds max_t={spec.horizon()} "
                     f"({spec.time_attr})"))
     return out
+
+
+EVAL_PREFIX = "eval."
+TRAIN_METRICS = ("loss", "val_loss", "lr", "step_time_s", "tokens_per_s", "tokens", "samples", "peak_mem_bytes",
+                 "data_wait_frac")
+"""What every training run reports (`raybig.train.loop`): at log steps, and val_loss at evaluations."""
+TASK_METRICS = {"classification": ("accuracy",), "masked_lm": ("masked_accuracy",)}
+"""Named metrics a task reports beside the loss (and as `val_<name>` beside val_loss)."""
+
+
+def eval_metric_name(flat_key: str) -> str:
+    """`EvalReport.flat()`'s key (`eval/perplexity`, `eval/<task>/<metric>`) as a sweep metric name (dots)."""
+    return EVAL_PREFIX + flat_key.removeprefix("eval/").replace("/", ".")
+
+
+def eval_metric_names(base: TrainSpec) -> list[str]:
+    """The `eval.` results the base spec's `eval:` section yields at the end of training (none without one).
+
+    Perplexity of a causal LM: eval.mean_nll, eval.perplexity, eval.bits_per_byte; of a classifier:
+    eval.val_loss, eval.val_accuracy (whole validation split). Each lm-eval task: eval.<task>.<metric>
+    and eval.<task>.<metric>_stderr for every metric of its `metric_list`.
+    """
+    e = base.eval
+    if e is None or not e.at_end:
+        return []
+    out: list[str] = []
+    if e.perplexity:
+        keys = ("val_loss", "val_accuracy") if base.task == "classification" else ("mean_nll", "perplexity",
+                                                                                 "bits_per_byte")
+        out += [EVAL_PREFIX + k for k in keys]
+    if e.tasks:
+        from raybig.spec.eval_tasks import load_task_config
+
+        for t in e.tasks:
+            cfg = load_task_config(t)
+            for m in cfg.get("metric_list") or []:
+                name = m.get("metric") if isinstance(m, dict) else None
+                if isinstance(name, str):
+                    out += [f"{EVAL_PREFIX}{cfg['task']}.{name}", f"{EVAL_PREFIX}{cfg['task']}.{name}_stderr"]
+    return out
+
+
+def metric_names(base: TrainSpec) -> list[str]:
+    """Every metric name a sweep over `base` can optimise: training's reports and `eval_metric_names`."""
+    extra = TASK_METRICS.get(base.task, ())
+    names = [*TRAIN_METRICS, *extra, *(f"val_{m}" for m in extra)]
+    if base.distill is not None:
+        names.append("distill_loss")
+    return names + eval_metric_names(base)
+
+
+def check_metric(spec: SweepSpec) -> str | None:
+    """None if the base spec produces `spec.metric` (and the scheduler can use it); else the message.
+
+    A plug-in model (`model.target`) may report metrics of its own names: any non-`eval.` name passes.
+    """
+    name, base = spec.metric, spec.base
+    names = metric_names(base)
+    if name not in names and not (base.model.target is not None and not name.startswith(EVAL_PREFIX)):
+        if name.startswith(EVAL_PREFIX) and (base.eval is None or not base.eval.at_end):
+            return (f"{name!r} is an end-of-training evaluation result, but the base spec has no eval: section "
+                    "that runs at the end (add e.g. `eval: {perplexity: true}` to the base)")
+        return (f"{name!r} is not a metric the base spec produces{did_you_mean(name, names)} "
+                f"(it produces: {', '.join(names)})")
+    if spec.metric_is_eval() and spec.scheduler == "asha":
+        return (f"{name!r} is measured once, after training, but ASHA compares trials while they train; "
+                "set scheduler: none (or optimise a training metric such as val_loss)")
+    return None
 
 
 def summary_lines(spec: SweepSpec) -> list[str]:

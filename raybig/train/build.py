@@ -83,9 +83,13 @@ class Built:
         lora: whether only a LoRA adapter is trainable.
         keep: objects that must live as long as the model (transformers' ZeRO-3 config registration).
         config: the export's model config when the spec alone does not give it (a classifier's).
-        task: the task strategy (`raybig.train.tasks`) scoring a classifier's logits.
+        task: the task strategy (`raybig.train.tasks`) that turns logits into the loss and metrics:
+            a classifier's, a masked LM's, a distillation; None: the model's own loss.
         metrics: named metrics of the last `loss` call beyond the loss (a classifier's `accuracy`).
         val: the same, averaged over the last `loop.evaluate` (`val_` prefixed by `val_metrics`).
+        pad_id: ids equal to it are padding (attention_mask 0) for a Hugging Face classifier.
+        wrap_batches: `(batches, rank) -> batches` applied to the token-shard stream (masked LM's masking).
+        eval_task: the task validation scores with (distillation: the student's own data loss).
     """
 
     model: nn.Module
@@ -96,6 +100,9 @@ class Built:
     task: Any = None
     metrics: dict[str, float] = field(default_factory=dict)
     val: dict[str, float] = field(default_factory=dict)
+    pad_id: int | None = None
+    wrap_batches: Any = None
+    eval_task: Any = None
 
     def val_metrics(self) -> dict[str, float]:
         """The last evaluation's extra metrics as `val_<name>` (empty for causal LMs)."""
@@ -117,8 +124,16 @@ class Built:
         masking utilities (5.x; the Llama, Qwen, Mistral, GPT-2 ... families) build the same
         block-diagonal mask; a plug-in gets `(x, y)` only (its examples may see each other).
         """
-        if self.kind == "classifier":  # x (B, *example_shape) float32, y (B,) labels
-            loss, m = self.task.loss_and_metrics(engine, (x, y))
+        if self.task is not None:  # classifiers, masked LM, distillation: the task scores the logits
+            batch: Any = (x, y)  # built-in classifier: x (B, *example_shape) float32, y (B,) labels
+            if self.kind == "hf":
+                batch = {"input_ids": x, "labels": y}
+                if self.pad_id is not None:
+                    batch["attention_mask"] = (x != self.pad_id).long()
+            # Validation (the loop puts the engine in eval mode) scores the student's own data loss,
+            # so a distilled run's val_loss compares with an undistilled one's.
+            task = self.eval_task if self.eval_task is not None and not engine.training else self.task
+            loss, m = task.loss_and_metrics(engine, batch)
             self.metrics = {k: v for k, v in m.items() if k != "loss"}
             return loss
         if self.kind == "hf":
@@ -158,12 +173,70 @@ def build(spec: TrainSpec, ds_config: Mapping[str, Any] | None = None, vocab_siz
         raybig.spec.hf_params.ModelSourceError: a bad model folder; LoraTargetError: LoRA targets
             matching nothing.
     """
+    built = _build_student(spec, ds_config, vocab_size)
+    if spec.distill is not None:
+        from raybig.train.distill import load_teacher, shard_teacher, teacher_task
+
+        teacher = load_teacher(spec)
+        if int((ds_config or {}).get("zero_optimization", {}).get("stage", 0)) == 3:
+            teacher = shard_teacher(teacher, ds_config or {})
+        base = built.task if built.task is not None else _own_task(built)
+        built.eval_task = base
+        built.task = teacher_task(base, teacher, spec.distill.temperature, spec.distill.alpha)
+    return built
+
+
+def _own_task(built: Built) -> Any:
+    """The causal-LM strategy scoring a GPT's / Hugging Face LM's logits (for distillation)."""
+    from raybig.train.tasks import CausalLM
+
+    return CausalLM()
+
+
+def masked_lm_task(spec: TrainSpec, vocab_size: int | None) -> Any:
+    """`raybig.train.tasks.MaskedLM` for the run's tokenizer: its [MASK] and special ids.
+
+    A tokenizer without a mask token (bytes, raybig's BPE) gets id `vocab_size` (one past its last id;
+    validation checked the model has that row); its EOS is special.
+    """
+    from raybig.train.tasks import MaskedLM
+
+    p = spec.masked_lm.probability if spec.masked_lm is not None else 0.15
+    tok = run_tokenizer(spec, None) if spec.tokenizer_kind() == "model" else None
+    hf_tok = getattr(tok, "hf", None)
+    if hf_tok is not None and hf_tok.mask_token_id is not None:
+        return MaskedLM(int(hf_tok.mask_token_id), len(hf_tok), hf_tok.all_special_ids, p, spec.seed)
+    n = int(vocab_size or BYTE_VOCAB)
+    eos = getattr(tok, "eos_id", None)
+    rows = n + 1
+    return MaskedLM(n, rows, [eos] if eos is not None else [], p, spec.seed)
+
+
+def _build_student(spec: TrainSpec, ds_config: Mapping[str, Any] | None, vocab_size: int | None) -> Built:
+    """`build` without distillation: the model being trained and how its loss is taken."""
     stage3 = bool(ds_config) and int((ds_config or {}).get("zero_optimization", {}).get("stage", 0)) == 3
     keep = None
+    if spec.task == "custom":  # a plug-in model on a plug-in dataset: forward(batch) -> loss, metrics
+        from raybig.train.plugin_task import build_for_spec as build_custom
+
+        return build_custom(spec)
     if spec.task == "classification":
         from raybig.train.classifiers import build_for_spec
 
-        return build_for_spec(spec)
+        return build_for_spec(spec, ds_config)
+    if spec.task == "masked_lm":
+        from raybig.train import hf
+        from raybig.train.tasks import MaskedBatches, PremaskedLM
+
+        masker = masked_lm_task(spec, vocab_size)
+        model = hf.build_head_model(hf_source(spec), "masked_lm", from_pretrained=spec.model.hf is not None,
+                                    trust_remote_code=spec.model.trust_remote_code,
+                                    zero3_config=ds_config if stage3 else None, seed=spec.seed)
+        if spec.train.activation_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+        return Built(model, "hf", keep=getattr(model, "_raybig_ds_config", None), task=PremaskedLM(),
+                     wrap_batches=lambda b, rank: MaskedBatches(b, masker, spec.seed, rank))
     if spec.model.is_hf:
         from raybig.train import hf
 

@@ -87,6 +87,22 @@ def verify(path: str) -> CheckpointCheck:
     return CheckpointCheck(path, not problems, step, ws, problems)
 
 
+def world_size_of(path: str) -> int | None:
+    """The world size that wrote a checkpoint folder (any fsspec URI), from rank 0's manifest.
+
+    None when there is no readable manifest, and for a universal folder (`raybig.train.universal`),
+    which any world size resumes from.
+    """
+    m0 = storage.join(path, MANIFEST.format(rank=0))
+    try:
+        if not storage.exists(m0):
+            return None
+        man = json.loads(storage.read_text(m0))
+        return None if man.get("universal") else int(man["world_size"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
 def _rel(root: str, name: str) -> str:
     return name[len(root):].lstrip("/") if name.startswith(root) else name
 

@@ -161,16 +161,46 @@ def load_digits_split(val_fraction: float = 0.2, seed: int = 0) -> ArraySplit:
     return ArraySplit(xt, yt, xv, yv, example_shape=(8, 8), num_classes=10)
 
 
+def _read_parquet(dataset: str, label_field: str) -> dict[str, np.ndarray]:
+    """A .parquet of labelled examples as the .npz layout: x (N, ...) float32, y (N,), split if present.
+
+    Columns: `x` (a list, or nested lists, of numbers per row), `label_field` (integers), optionally
+    `split` ("train" / "val"; rows of other values are dropped).
+    """
+    import pyarrow.parquet as pq
+
+    try:
+        t = pq.read_table(dataset)
+    except (OSError, ValueError) as e:
+        raise ClassifierDataError(f"classifier.dataset {dataset!r}: cannot read it as parquet: {e}") from None
+    if "x" not in t.column_names or label_field not in t.column_names:
+        raise ClassifierDataError(f"classifier.dataset {dataset!r} needs columns x and {label_field!r}; it has "
+                                  f"{t.column_names}")
+    try:
+        x = np.asarray(t.column("x").to_pylist(), dtype=np.float32)
+    except ValueError as e:  # ragged rows
+        raise ClassifierDataError(f"classifier.dataset {dataset!r}: rows of x differ in shape ({e})") from None
+    y = t.column(label_field).to_numpy()
+    if "split" not in t.column_names:
+        return {"x": x, "y": y}
+    split = np.asarray(t.column("split").to_pylist())
+    tr, va = split == "train", split == "val"
+    return {"x_train": x[tr], "y_train": y[tr], "x_val": x[va], "y_val": y[va]}
+
+
 def load_arrays(dataset: str = "digits", val_fraction: float = 0.2, seed: int = 0,
-                num_classes: int | None = None) -> ArraySplit:
+                num_classes: int | None = None, input_shape: Sequence[int] | None = None,
+                label_field: str = "label") -> ArraySplit:
     """The labelled arrays a classifier spec names, checked (`check_arrays`), as a train/val split.
 
     Args:
-        dataset: `digits` (scikit-learn's, offline) or an .npz (any fsspec URI) holding x_train,
-            y_train, x_val, y_val, or x, y (then split here, stratified, seeded).
+        dataset: `digits` (scikit-learn's, offline), an .npz (any fsspec URI) holding x_train,
+            y_train, x_val, y_val, or x, y (then split here, seeded), or a .parquet (`_read_parquet`).
         val_fraction: held out when the file has no validation arrays.
         seed: the split's seed.
         num_classes: classes of the model (default: max label + 1).
+        input_shape: one example's shape; examples are reshaped to it (their element count must match).
+        label_field: the parquet label column.
 
     Raises:
         ClassifierDataError: a missing file or array, or arrays that do not fit (one line).
@@ -182,12 +212,15 @@ def load_arrays(dataset: str = "digits", val_fraction: float = 0.2, seed: int = 
 
         import fsspec
 
-        try:
-            with fsspec.open(dataset, "rb") as f:
-                blob = f.read()
-            arrays = dict(np.load(io.BytesIO(blob), allow_pickle=False))
-        except (OSError, ValueError) as e:
-            raise ClassifierDataError(f"classifier.dataset {dataset!r}: cannot read it as .npz: {e}") from None
+        if dataset.endswith(".parquet"):
+            arrays = _read_parquet(dataset, label_field)
+        else:
+            try:
+                with fsspec.open(dataset, "rb") as f:
+                    blob = f.read()
+                arrays = dict(np.load(io.BytesIO(blob), allow_pickle=False))
+            except (OSError, ValueError) as e:
+                raise ClassifierDataError(f"classifier.dataset {dataset!r}: cannot read it as .npz: {e}") from None
         if {"x_train", "y_train", "x_val", "y_val"} <= set(arrays):
             xt, yt, xv, yv = (arrays[k] for k in ("x_train", "y_train", "x_val", "y_val"))
         elif {"x", "y"} <= set(arrays):
@@ -202,6 +235,14 @@ def load_arrays(dataset: str = "digits", val_fraction: float = 0.2, seed: int = 
         k = int(num_classes or max(int(yt.max()), int(yv.max())) + 1)
         split = ArraySplit(xt.astype(np.float32), yt.astype(np.int64), xv.astype(np.float32),
                            yv.astype(np.int64), tuple(xt.shape[1:]), k)
+    if input_shape is not None and tuple(input_shape) != split.example_shape:
+        for part, x in (("train", split.x_train), ("val", split.x_val)):
+            if math.prod(x.shape[1:]) != math.prod(input_shape):
+                raise ClassifierDataError(f"classifier.dataset {dataset!r} ({part}): examples have shape "
+                                          f"{tuple(x.shape[1:])}, classifier.input_shape is {tuple(input_shape)}")
+        shape = tuple(int(d) for d in input_shape)
+        split = ArraySplit(split.x_train.reshape(-1, *shape), split.y_train, split.x_val.reshape(-1, *shape),
+                           split.y_val, shape, split.num_classes)
     k = num_classes or split.num_classes
     for x, y, part in ((split.x_train, split.y_train, "train"), (split.x_val, split.y_val, "val")):
         try:
@@ -291,19 +332,133 @@ def build_from_config(arch: str, input_shape: Sequence[int], num_classes: int, h
 
 
 def split_for_spec(spec: Any) -> ArraySplit:
-    """The labelled arrays of a `task: classification` spec (`classifier.dataset`, seeded by `seed`)."""
+    """The labelled examples of a `task: classification` spec, seeded by `seed`.
+
+    Built-in classifiers: `classifier.dataset`'s arrays. A Hugging Face sequence classifier: the
+    text+label records of `data:` tokenized with the run's tokenizer (`text_split`).
+    """
     c = spec.classifier
+    if spec.model.is_hf:
+        return text_split(spec)
     if c is None:
         return load_arrays(seed=spec.seed)
-    return load_arrays(c.dataset, c.val_fraction, spec.seed, c.num_classes)
+    return load_arrays(c.dataset, c.val_fraction, spec.seed, c.num_classes, c.input_shape, c.label_field)
 
 
-def build_for_spec(spec: Any) -> Any:
-    """`raybig.train.build.Built` for a `task: classification` spec: the classifier, its task, its export config."""
+def read_labelled_texts(spec: Any) -> tuple[list[str], np.ndarray]:
+    """(texts, int64 labels) of the jsonl / parquet records under `data.path`.
+
+    Text from `data.text_field` (default `text`), the label from `classifier.label_field` (default
+    `label`): an integer, or a string (then classes are the sorted distinct strings).
+
+    Raises:
+        ClassifierDataError: no records, a record without either field, or a non-integer label.
+    """
+    import json
+
+    import fsspec
+
+    from raybig.data.sources import list_sources
+
+    text_field = spec.data.text_field or "text"
+    label_field = spec.classifier.label_field if spec.classifier is not None else "label"
+    texts: list[str] = []
+    labels: list[Any] = []
+    for src in list_sources(spec.data.path):
+        if src.uri.endswith(".parquet"):
+            import pyarrow.parquet as pq
+
+            with fsspec.open(src.uri, "rb") as f:
+                t = pq.read_table(f)
+            if text_field not in t.column_names or label_field not in t.column_names:
+                raise ClassifierDataError(f"{src.uri}: needs columns {text_field!r} and {label_field!r}")
+            texts += [str(v) for v in t.column(text_field).to_pylist()]
+            labels += t.column(label_field).to_pylist()
+            continue
+        with fsspec.open(src.uri, "rt", encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                    texts.append(str(rec[text_field]))
+                    labels.append(rec[label_field])
+                except (json.JSONDecodeError, KeyError, TypeError) as e:
+                    raise ClassifierDataError(f"{src.uri}:{n}: a record with {text_field!r} and {label_field!r} "
+                                              f"fields is needed ({type(e).__name__}: {e})") from None
+    if not texts:
+        raise ClassifierDataError(f"data.path {spec.data.path!r}: no text+label records")
+    if all(isinstance(v, str) for v in labels):
+        names = sorted(set(labels))
+        return texts, np.array([names.index(v) for v in labels], np.int64)
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in labels):
+        raise ClassifierDataError(f"labels ({label_field!r}) must be integers or strings")
+    return texts, np.array(labels, np.int64)
+
+
+def encode_padded(texts: Sequence[str], tokenizer: Any, seq_len: int, pad_id: int) -> np.ndarray:
+    """(N, seq_len) int64 ids: each text encoded, cut to `seq_len`, right-padded with `pad_id`."""
+    out = np.full((len(texts), seq_len), pad_id, np.int64)
+    for i, t in enumerate(texts):
+        ids = tokenizer.encode(t)[:seq_len]
+        out[i, :len(ids)] = ids
+    return out
+
+
+def pad_id_of(tokenizer: Any) -> int:
+    """The id padding is written with (and masked out by): the tokenizer's pad id, else its EOS, else 0."""
+    for name in ("pad_id", "eos_id"):
+        v = getattr(tokenizer, name, None)
+        if v is not None:
+            return int(v)
+    return 0
+
+
+def text_split(spec: Any, tokenizer: Any = None) -> ArraySplit:
+    """A Hugging Face sequence classifier's examples: (N, data.seq_len) int64 ids, int64 labels, seeded split.
+
+    Classes: `classifier.num_classes`, else max label + 1; labels out of range raise
+    `ClassifierDataError`. `data.val_fraction` (or 0.2 when it is 0) is held out.
+    """
+    from sklearn.model_selection import train_test_split
+
+    from raybig.train.build import run_tokenizer
+
+    tok = tokenizer if tokenizer is not None else run_tokenizer(spec, None)
+    texts, y = read_labelled_texts(spec)
+    k = (spec.classifier.num_classes if spec.classifier is not None else None) or int(y.max()) + 1
+    x = encode_padded(texts, tok, spec.data.seq_len, pad_id_of(tok))
+    check_arrays(x, y, k)
+    frac = spec.data.val_fraction or 0.2
+    xt, xv, yt, yv = train_test_split(x, y, test_size=frac, random_state=spec.seed)
+    return ArraySplit(xt, yt, xv, yv, (spec.data.seq_len,), k)
+
+
+def build_for_spec(spec: Any, ds_config: Any = None) -> Any:
+    """`raybig.train.build.Built` for a `task: classification` spec: the classifier, its task, its export config.
+
+    With `model.hf` / `model.hf_config`: transformers' `AutoModelForSequenceClassification` with
+    `num_labels` classes (kind "hf", exported with save_pretrained); otherwise a built-in classifier.
+    """
     from raybig.train.build import Built
     from raybig.train.tasks import Classification
 
     split = split_for_spec(spec)
+    if spec.model.is_hf:
+        from raybig.train import hf
+        from raybig.train.build import hf_source, run_tokenizer
+
+        stage3 = bool(ds_config) and int(ds_config.get("zero_optimization", {}).get("stage", 0)) == 3
+        model = hf.build_head_model(hf_source(spec), "classification", from_pretrained=spec.model.hf is not None,
+                                    trust_remote_code=spec.model.trust_remote_code,
+                                    zero3_config=ds_config if stage3 else None, seed=spec.seed,
+                                    num_labels=split.num_classes)
+        pad = pad_id_of(run_tokenizer(spec, None))
+        if getattr(model.config, "pad_token_id", None) is None:
+            model.config.pad_token_id = pad
+        model.train()
+        return Built(model, "hf", keep=getattr(model, "_raybig_ds_config", None),
+                     task=Classification(split.num_classes), pad_id=pad)
     c = spec.classifier
     arch, hidden, dropout = (c.arch, list(c.hidden), c.dropout) if c is not None else ("mlp", [128, 64], 0.0)
     cfg = classifier_config(arch, split.example_shape, split.num_classes, hidden, dropout)

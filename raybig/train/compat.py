@@ -4,7 +4,8 @@
 checkpoint (Ray Train's auto-resume). That is right when the spec is the same, or changed only in
 what a checkpoint can carry (more steps, a new learning rate, evaluation or checkpoint cadence). It
 is wrong when the checkpoint cannot be loaded into what the new spec builds (another model shape or
-tokenizer, another ZeRO stage or worker count: the shards are per stage and per rank). Today's spec
+tokenizer, another ZeRO stage: the shards are per stage; another worker count is converted, see
+`raybig.train.universal`). Today's spec
 is compared with the run's recorded `spec.yaml` (`check_resume_compatible`):
 
 - unchanged, or changed only in carried fields: the run resumes; the plan's `notes` say what changed;
@@ -52,6 +53,8 @@ CARRIED = (
     "train.activation_checkpointing", "train.micro_batch_size", "train.grad_accum", "train.schedule_from",
     "checkpoint", "sample", "priority", "max_retries", "seed", "storage", "init_from",
     "resources.cpus_per_worker", "resources.memory_per_worker", "resources.custom",
+    # Another worker count: the runner converts the ZeRO checkpoint (raybig.train.universal).
+    "resources.workers", "resources.min_workers", "train.global_batch_size",
     "data.path", "data.max_bytes", "data.max_tokens", "data.val_fraction", "data.split_seed", "data.format",
     "data.text_field", "data.prompt_template", "data.response_field", "data.messages_field",
     "data.on_bad_record", "data.shard_tokens", "data.prepared_path", "data.packed", "model.dropout", "finetune.merge", "finetune.dropout",
@@ -60,7 +63,6 @@ CARRIED = (
 # Why a field cannot change under a checkpoint (the first matching prefix wins; anything that is
 # neither carried nor listed here is refused as "not carried by a checkpoint").
 REASONS = (
-    ("resources.workers", "the ZeRO shards are per rank and elastic resume does not exist yet"),
     ("resources.gpus_per_worker", "the checkpoint was written on other devices"),
     ("deepspeed.zero_stage", "DeepSpeed checkpoints are partitioned per ZeRO stage"),
     ("deepspeed", "DeepSpeed's checkpoint layout depends on it"),

@@ -46,6 +46,7 @@ from raybig.spec.hf_params import (
 __all__ = [
     "HFTokenizer", "HubModelNotCachedError", "LoraTargetError", "ModelFolderError", "ModelSourceError",
     "RemoteCodeRequiredError", "TokenizerMismatchError", "UnknownArchitectureError", "build_from_config",
+    "build_head_model",
     "check_tokenizer_fits",
     "default_cache_dir", "fetch_remote_folder", "find_in_hub_cache", "load_causal_lm", "load_tokenizer",
     "register_zero3", "resolve_model_source", "torch_dtype",
@@ -404,3 +405,70 @@ def load_tokenizer(source: str, trust_remote_code: bool = False, cache_dir: str 
 
 # Re-exported so integrators need one import for sources: names of the files a folder holds.
 WEIGHT_FILES = (SAFETENSORS, SAFETENSORS_INDEX)
+
+
+AUTO_CLASSES = {"causal_lm": "AutoModelForCausalLM", "masked_lm": "AutoModelForMaskedLM",
+                "classification": "AutoModelForSequenceClassification"}
+"""raybig task -> the transformers auto class that builds its head."""
+
+
+def build_head_model(source: Mapping[str, Any] | str, task: str, from_pretrained: bool, trust_remote_code: bool = False,
+                     zero3_config: Mapping[str, Any] | None = None, seed: int | None = None,
+                     **head_kwargs: Any) -> Any:
+    """A transformers model with `task`'s head (`AUTO_CLASSES`): loaded from a folder, or random from a config.
+
+    Args:
+        source: `model.hf` (with `from_pretrained`) or `model.hf_config` (a dict, config.json or folder).
+        task: causal_lm, masked_lm or classification (`AutoModelForSequenceClassification`).
+        from_pretrained: load the folder's weights (a head the folder lacks, e.g. a classifier's, starts
+            random, as transformers does); else random init from the config.
+        trust_remote_code: allow the folder's own model code.
+        zero3_config: DeepSpeed config for ZeRO-3 (`register_zero3`): parameters built partitioned.
+        seed: `torch.manual_seed(seed)` before building (reproducible random parts).
+        head_kwargs: config overrides, e.g. `num_labels` for a classifier.
+
+    Raises:
+        ModelFolderError, UnknownArchitectureError: a bad folder or config; ModelSourceError for
+        ZeRO-3 without torch.distributed.
+    """
+    import torch
+    import transformers
+
+    from raybig.spec.hf_params import known_head_types
+
+    if task == "causal_lm" and not head_kwargs:
+        if from_pretrained:
+            assert isinstance(source, str)
+            return load_causal_lm(source, "fp32", trust_remote_code, zero3_config)
+        return build_from_config(source, trust_remote_code=trust_remote_code, zero3_config=zero3_config, seed=seed)
+    auto = getattr(transformers, AUTO_CLASSES[task])
+    if from_pretrained:
+        assert isinstance(source, str)
+        folder = resolve_model_source(source, trust_remote_code)
+        keep = register_zero3(zero3_config)
+        if seed is not None:
+            torch.manual_seed(seed)
+        model = auto.from_pretrained(folder, dtype=torch.float32, trust_remote_code=trust_remote_code,
+                                     local_files_only=True, use_safetensors=True, **head_kwargs)
+    else:
+        if isinstance(source, str) and not os.path.exists(os.path.expanduser(source)) and (
+                "://" in source or _looks_like_hub_id(source)):
+            source = resolve_model_source(source, trust_remote_code, require_weights=False)
+        cfg = _config_dict(source)
+        where = source if isinstance(source, str) else "model.hf_config"
+        known = known_head_types(task)
+        if known is not None and cfg.get("model_type") not in known and not (trust_remote_code and cfg.get("auto_map")):
+            raise UnknownArchitectureError(f"{where}: model type {cfg.get('model_type')!r} has no {task} head in "
+                                           "the installed transformers")
+        if not trust_remote_code:
+            cfg.pop("auto_map", None)
+        mt = cfg.pop("model_type")
+        hf_cfg = transformers.AutoConfig.for_model(
+            mt, **{k: v for k, v in {**cfg, **head_kwargs}.items() if k != "transformers_version"})
+        keep = register_zero3(zero3_config)
+        if seed is not None:
+            torch.manual_seed(seed)
+        model = auto.from_config(hf_cfg, trust_remote_code=trust_remote_code)
+    if keep is not None:
+        model._raybig_ds_config = keep
+    return model

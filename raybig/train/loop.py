@@ -25,6 +25,7 @@ from raybig.tokenizer import BYTE_VOCAB
 from raybig.train.build import Built, build, gpt_config, run_tokenizer
 from raybig.train.checkpoints import write_manifest
 from raybig.train.ds_config import build_ds_config, resolve_precision
+from raybig.train.preempt import Watch
 
 
 class Reporter(Protocol):
@@ -121,8 +122,11 @@ def train_worker(spec: TrainSpec, rep: Reporter, run_dir: str | None,
 
     with contextlib.ExitStack() as stack:
         resume = stack.enter_context(rep.resume_dir())
-        if resume is None and resume_from:
+        if resume_from and (resume is None or _written_by_others(resume, rep.world_size)):
+            # Ray's checkpoint is of another world size: the driver converted it (raybig.train.universal).
             resume = stack.enter_context(_local_copy(resume_from))
+        if resume is not None and _is_universal(resume):
+            ds_cfg = {**ds_cfg, "checkpoint": {**ds_cfg.get("checkpoint", {}), "load_universal": True}}
         # LoRA checkpoints hold only the adapter: the frozen weights come from init_from every time.
         init = spec.init_from if (resume is None or lora) and not spec.model.is_hf else None
         torch.manual_seed(spec.seed)  # same init on every rank
@@ -152,7 +156,7 @@ def train_worker(spec: TrainSpec, rep: Reporter, run_dir: str | None,
             ckpt_data = client.get("data")
 
     device = engine.device
-    if prepared is None and spec.task == "causal_lm":
+    if prepared is None and spec.task not in ("classification", "custom"):  # masked_lm: rank 0 prepares here
         prepared = _prepare_here(spec, run_dir, rep.rank, tokenizer)
     batches: Any
     if spec.task == "classification":  # labelled arrays, not token shards (raybig.train.classifiers)
@@ -160,12 +164,19 @@ def train_worker(spec: TrainSpec, rep: Reporter, run_dir: str | None,
 
         batches = batches_for_spec(spec, rep.rank, rep.world_size)
         has_val, data_state = True, {"prepared": "arrays", "world_size": rep.world_size}
+    elif spec.task == "custom":  # a plug-in dataset: example indices per (rank, step, micro)
+        from raybig.train import plugin_task
+
+        batches = plugin_task.batches_for_spec(spec, rep.rank, rep.world_size)
+        has_val, data_state = batches.has_val, plugin_task.data_state(spec, batches)
     else:
         assert prepared is not None
         batches = ShardBatches(prepared, spec.data.seq_len, t.micro_batch_size, spec.seed, rep.rank,
                                rep.world_size, packed=spec.data.is_packed())
         has_val = batches.val.n > 0  # data.val_fraction: 0 holds nothing out: no val_loss
         data_state = {"prepared": batches.index["hash"], "world_size": rep.world_size}
+        if built.wrap_batches is not None:  # masked_lm: BERT masking keyed on (seed, rank, step, micro)
+            batches = built.wrap_batches(batches, rep.rank)
     tokens_per_step = spec.tokens_per_step()  # Ray Train starts exactly resources.workers ranks
     last: dict[str, Any] = {"step": step}
     # Tell the first report after a restore where training picked up (tests and `status` read it).
@@ -173,6 +184,9 @@ def train_worker(spec: TrainSpec, rep: Reporter, run_dir: str | None,
     if ckpt_data and ckpt_data.get("prepared") != data_state["prepared"]:
         # Sources, tokenizer or data options changed since the checkpoint: same step, another stream.
         pending["data_changed_since_checkpoint"] = True
+    if ckpt_data and ckpt_data.get("world_size") not in (None, rep.world_size):
+        # Elastic resume: batches are keyed by (seed, rank, step, micro) over world_size shares.
+        pending.update(data_changed_since_checkpoint=True, resumed_from_world_size=ckpt_data["world_size"])
     if step == 0 and has_val:
         last = {"step": 0, "val_loss": evaluate(engine, batches, t.eval_batches, device, built)}
         last.update(built.val_metrics())  # a classifier's val_accuracy
@@ -187,6 +201,9 @@ def train_worker(spec: TrainSpec, rep: Reporter, run_dir: str | None,
     digest = 0  # crc32 of this rank's input ids at micro step 0 of the last step
     t0 = time.perf_counter()
     dropout = spec.model.dropout > 0 or (lora and spec.finetune.dropout > 0)
+    # A scheduler's checkpoint-now request (raybig.train.preempt): save after this step and stop.
+    watch = Watch(rep.rank, lambda v: all_reduce(v, device, op="max"))
+    preempted = False
     while step < t.steps:
         if dropout:
             torch.manual_seed(hash((spec.seed, rep.rank, step)) & 0x7FFFFFFF)
@@ -207,8 +224,9 @@ def train_worker(spec: TrainSpec, rep: Reporter, run_dir: str | None,
         step += 1
 
         done = step == t.steps
+        preempted = not done and watch.stop_now()
         metrics: dict[str, Any] = {}
-        if step % t.log_every == 0 or done:
+        if step % t.log_every == 0 or done or preempted:
             if on_cuda:
                 torch.cuda.synchronize()
             window_time = time.perf_counter() - t0
@@ -235,8 +253,10 @@ def train_worker(spec: TrainSpec, rep: Reporter, run_dir: str | None,
             metrics.setdefault("step", step)
             metrics["val_loss"] = evaluate(engine, batches, t.eval_batches, device, built)
             metrics.update(built.val_metrics())
-        if step % spec.checkpoint.every == 0 or done:
+        if step % spec.checkpoint.every == 0 or done or preempted:
             metrics.setdefault("step", step)
+            if preempted:
+                metrics["preempted_at_step"] = step
             t_ck = time.perf_counter()
             with tempfile.TemporaryDirectory(prefix="raybig-ckpt-") as tmp:
                 # LoRA: the frozen weights are not saved (they come back from the model folder).
@@ -254,8 +274,10 @@ def train_worker(spec: TrainSpec, rep: Reporter, run_dir: str | None,
             last.update(metrics)
         if metrics and (step % t.log_every == 0 or done):
             t0 = time.perf_counter()  # evaluation and checkpoint time stay out of step_time
+        if preempted:
+            break  # checkpointed at this step; the job resumes here when admitted again
 
-    if run_dir is not None:
+    if run_dir is not None and not preempted:
         export_final(engine, spec, run_dir, rep.rank, built, tokenizer)
     return last
 
@@ -391,6 +413,20 @@ def _export_hf(module: Any, sd: dict[str, torch.Tensor], spec: TrainSpec, out: s
         module = module.get_base_model()
     # A tied head shares the embedding's storage; save_pretrained drops the duplicate itself.
     save_hf_export(module, tokenizer, out, state_dict=sd)
+
+
+def _written_by_others(local: str, world_size: int) -> bool:
+    """A (non-universal) checkpoint folder whose manifests name another world size."""
+    from raybig.train.checkpoints import world_size_of
+
+    ws = world_size_of(local)
+    return ws is not None and ws != world_size
+
+
+def _is_universal(local: str) -> bool:
+    from raybig.train.universal import is_universal
+
+    return is_universal(local)
 
 
 @contextlib.contextmanager

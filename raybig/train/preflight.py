@@ -7,9 +7,9 @@ and by `raybig validate` for the local, cheap ones (globs and file sizes). No to
 - `data.path`: a local path or glob that matches no files; a corpus too small for one training
   sequence per worker once the validation hold-out is taken (a 12-byte file: all of it is held out).
 - `init_from`: a local path that does not exist.
-- resuming (`--resume-from`, or a re-run of the same run): a DeepSpeed ZeRO checkpoint resumes only
-  at the world size that wrote it (read from its per-rank manifests, `raybig.train.checkpoints`),
-  and only when it is complete.
+- resuming (`--resume-from`, or a re-run of the same run): only a complete checkpoint; one written at
+  another world size (its per-rank manifests, `raybig.train.checkpoints`) is converted by the runner
+  (`raybig.train.universal`), except a LoRA adapter-only one, refused here.
 """
 
 from __future__ import annotations
@@ -96,30 +96,32 @@ def data_problems(spec: Any) -> list[str]:
 
 
 def checkpoint_world_size(path: str) -> int | None:
-    """The world size that wrote a raybig checkpoint folder (from rank 0's manifest), or None."""
-    import json
+    """The world size that wrote a raybig checkpoint folder (from rank 0's manifest), or None.
 
-    from raybig import storage
-    from raybig.train.checkpoints import MANIFEST
+    None also for a universal folder (`raybig.train.universal`): any world size resumes from it.
+    """
+    from raybig.train.checkpoints import world_size_of
 
-    m0 = storage.join(path, MANIFEST.format(rank=0))
-    try:
-        if not storage.exists(m0):
-            return None
-        return int(json.loads(storage.read_text(m0))["world_size"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
+    return world_size_of(path)
 
 
 def resume_problems(spec: Any, checkpoint: str, flag: str = "--resume-from") -> list[str]:
-    """A ZeRO checkpoint written at another world size cannot be resumed (DeepSpeed refuses it)."""
+    """What keeps a checkpoint written at another world size from resuming `spec`.
+
+    A ZeRO-1/2/3 checkpoint of W != resources.workers workers is converted on the driver before the
+    workers start (`raybig.train.universal`); only what that conversion cannot carry is refused here
+    (a LoRA adapter-only checkpoint).
+    """
+    from raybig.train.universal import conversion_needed, refusal
+
     ws = checkpoint_world_size(checkpoint)
-    if ws is None or ws == spec.resources.workers or spec.deepspeed.zero_stage == 0:
+    if ws is None or not conversion_needed(spec, ws):
+        return []
+    why = refusal(spec, ws)
+    if why is None:
         return []
     return [f"{flag} {checkpoint} was written by {ws} workers but resources.workers is "
-            f"{spec.resources.workers}: a ZeRO stage-{spec.deepspeed.zero_stage} checkpoint resumes only at "
-            f"the world size that wrote it (set resources.workers: {ws}, or start from its weights "
-            f"with init_from)"]
+            f"{spec.resources.workers}: {why}"]
 
 
 def preflight(spec: Any, resume_from: str | None = None, auto_resume: str | None = None) -> None:

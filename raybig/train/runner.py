@@ -220,6 +220,8 @@ def run_train(spec: TrainSpec, address: str | None = None, resume_from: str | No
         TrainingFailed: the run failed: at once for an error a restart cannot fix, else once its
             restarts (`checkpoint.max_failures`) are spent.
         IncompleteCheckpointError: `resume_from` is a partial checkpoint.
+        CheckpointConversionError: the checkpoint was written by another worker count and DeepSpeed's
+            universal conversion of it failed (`elastic_resume`; the checkpoint is unchanged).
 
     Relative paths in `spec` and `resume_from` resolve against the working directory, here, before
     anything starts (`raybig.spec.paths_resolve`); the spec.yaml in the run directory shows them absolute.
@@ -250,6 +252,9 @@ def run_train(spec: TrainSpec, address: str | None = None, resume_from: str | No
     # Before Ray starts: what no worker-group restart can fix (no data, too little of it, a
     # checkpoint from another world size) ends here in one line.
     preflight_run(spec, resume_from)
+    # Another worker count than the checkpoint's: converted once, here, before Ray or any worker starts.
+    converted = elastic_resume(spec, run_dir_of(spec), resume_from, on_note)
+    resume_from = converted or resume_from
     from raybig.train.tracking import RunTracking
 
     tracking = RunTracking.for_spec(spec)  # an unreachable tracking store: TrackingError (exit 2), before Ray
@@ -267,7 +272,8 @@ def run_train(spec: TrainSpec, address: str | None = None, resume_from: str | No
     from raybig.train.checkpoints import recover_snapshot
 
     # A crash while Ray rewrote its checkpoint registry: resume from the newest complete folder.
-    resume_from = recover_snapshot(run_dir) or resume_from
+    recovered = recover_snapshot(run_dir)
+    resume_from = converted or recovered or resume_from  # a conversion already used what it would pick
     # Pinned to this (the driver's) node: with num_cpus=0 Ray may place it on a worker host, and
     # losing that host would silently cut off all later progress (history, metrics.jsonl, status).
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -335,6 +341,50 @@ def run_train(spec: TrainSpec, address: str | None = None, resume_from: str | No
 
     write_result(run_dir, res)  # run.json: name, kind, spec hash + the result with the driver's timings
     return res
+
+
+def elastic_resume(spec: TrainSpec, run_dir: str, resume_from: str | None,
+                   on_note: Callable[[str], None] | None = None) -> str | None:
+    """The checkpoint the workers resume from, converted first if another worker count wrote it.
+
+    The workers resume from Ray's latest checkpoint of the run, else `resume_from`. When that
+    checkpoint's manifests name a world size other than `resources.workers` (ZeRO stage 1-3), it is
+    converted to DeepSpeed's universal format in a new folder of the run
+    (`raybig.train.universal.convert`; the checkpoint itself is untouched), and that folder is returned:
+    the loop prefers it over Ray's checkpoint of the other size and loads it with `load_universal`.
+
+    Args:
+        spec: the train spec about to run (paths absolute).
+        run_dir: the run directory.
+        resume_from: `--resume-from` (or the checkpoint `recover_snapshot` chose), if any.
+        on_note: gets one line saying what was converted and how long it took.
+
+    Returns:
+        The universal folder's URI, or None when no conversion is needed.
+
+    Raises:
+        CheckpointConversionError: DeepSpeed's conversion failed (exit 1, one line; nothing started).
+        IncompleteCheckpointError: the checkpoint to convert is missing files (exit 1).
+    """
+    from raybig.train.checkpoints import latest_checkpoint, newest_complete_checkpoint, world_size_of
+    from raybig.train.universal import conversion_needed, convert, universal_path
+
+    try:
+        source = latest_checkpoint(run_dir) or resume_from
+    except (OSError, ValueError, KeyError, AttributeError):  # what recover_snapshot will pick
+        source = newest_complete_checkpoint(run_dir) or resume_from
+    if source is None:
+        return None
+    ws = world_size_of(source)
+    if ws is None or not conversion_needed(spec, ws):
+        return None
+    conv = convert(source, universal_path(run_dir, source, ws), spec.deepspeed.zero_stage)
+    if on_note is not None:
+        how = "found converted" if conv.reused else f"converted in {conv.seconds:.1f} s"
+        on_note(f"elastic resume: step {conv.step} of {ws} workers -> {spec.resources.workers} workers "
+                f"(ZeRO-{spec.deepspeed.zero_stage} universal checkpoint {how}; the data stream changes with "
+                f"the worker count)")
+    return conv.path
 
 
 def _exists(uri: str) -> bool:

@@ -167,11 +167,15 @@ class MaskedLM(_Base):
         self.mlm_probability = mlm_probability
         self.generator = torch.Generator().manual_seed(seed)
 
-    def mask_tokens(self, input_ids: torch.Tensor,
-                    attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, T) int64 ids -> (masked ids, labels), both (B, T) int64; labels -100 where not chosen."""
+    def mask_tokens(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                    generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, T) int64 ids -> (masked ids, labels), both (B, T) int64; labels -100 where not chosen.
+
+        `generator` (default: this strategy's own) draws the choices; `MaskedBatches` passes one keyed
+        on (seed, rank, step, micro) so that a resumed run masks exactly as the first attempt did.
+        """
         ids = input_ids.detach().cpu()
-        g = self.generator
+        g = generator if generator is not None else self.generator
         eligible = ~torch.isin(ids, torch.tensor(self.special_ids))
         if attention_mask is not None:
             eligible &= attention_mask.detach().cpu().bool()
@@ -200,6 +204,82 @@ class MaskedLM(_Base):
         """Cross-entropy over chosen positions only; float32 scalar loss."""
         loss, correct, n = _token_ce(logits, labels)
         return loss, {"loss": float(loss.detach()), "masked_accuracy": float(correct) / max(n, 1)}
+
+
+class PremaskedLM(_Base):
+    """Masked-LM scoring of batches already masked by `MaskedBatches` (x: masked ids, y: labels, -100 unscored).
+
+    Args:
+        pad_id: when given, `attention_mask` = ids != pad_id (None: every position attends).
+
+    Metrics: `loss` (mean cross-entropy over chosen tokens, nats), `masked_accuracy`.
+    """
+
+    name = "masked_lm"
+
+    def __init__(self, pad_id: int | None = None):
+        self.pad_id = pad_id
+
+    def prepare(self, batch: Any) -> tuple[Any, torch.Tensor]:
+        """((B, T) masked ids as model keywords, (B, T) labels)."""
+        inputs, labels = _split(batch, ("input_ids", "x"), ("labels", "y"))
+        ids = inputs["input_ids"] if isinstance(inputs, Mapping) else inputs
+        kw = {"input_ids": ids}
+        if self.pad_id is not None:
+            kw["attention_mask"] = (ids != self.pad_id).long()
+        return kw, labels
+
+    def score(self, logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        """Cross-entropy over chosen positions only; float32 scalar loss."""
+        loss, correct, n = _token_ce(logits, labels)
+        return loss, {"loss": float(loss.detach()), "masked_accuracy": float(correct) / max(n, 1)}
+
+
+class _Masked:
+    """One masked micro batch in the shape the training loop feeds: x (masked ids), y (labels), numpy."""
+
+    positions = None
+    doc_ids = None
+
+    def __init__(self, x: Any, y: Any):
+        self.x, self.y = x, y
+
+
+class MaskedBatches:
+    """Token-shard batches with BERT masking applied, deterministically per (seed, rank, step, micro).
+
+    Wraps a `raybig.data.shards.ShardBatches` (unpacked text windows): `get(step, micro)` masks the
+    window `x` with a generator seeded from (seed, rank, step, micro), so a resumed run masks the
+    same tokens; `val_batch(i)` masks validation batch i with a key of its own (the same every
+    evaluation, so val_loss is comparable across evaluations). y holds the labels (-100 where a token
+    was not chosen); the shifted next-token targets of the shards are not used.
+    """
+
+    packed = False
+
+    def __init__(self, base: Any, masker: MaskedLM, seed: int, rank: int):
+        self.base, self.masker, self.seed, self.rank = base, masker, seed, rank
+        self.val = base.val  # the loop asks whether there is a validation split
+
+    def _generator(self, *key: int) -> torch.Generator:
+        import numpy as np
+
+        state = np.random.SeedSequence([self.seed, self.rank, *key]).generate_state(2, np.uint32)
+        return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+
+    def get(self, step: int, micro: int) -> _Masked:
+        """Micro batch (step, micro): masked ids and labels, (B, T) int64 numpy."""
+        bt = self.base.get(step, micro)
+        x, y = self.masker.mask_tokens(torch.from_numpy(bt.x.astype("int64")), generator=self._generator(step, micro))
+        return _Masked(x.numpy(), y.numpy())
+
+    def val_batch(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Validation batch i, masked the same way every time: (masked ids, labels), (B, T) int64."""
+        bt = self.base.get_val(i)
+        return self.masker.mask_tokens(torch.from_numpy(bt.x.astype("int64")), generator=self._generator(2**31, i))
+
+    def __getattr__(self, name: str) -> Any:  # bytes_read, index, ... of the wrapped stream
+        return getattr(self.base, name)
 
 
 class Classification(_Base):

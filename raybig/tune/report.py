@@ -109,6 +109,8 @@ def winner(records: list[dict[str, Any]]) -> dict[str, Any] | None:
 
 def best_spec_text(sweep_dir: str, spec: Any, best: dict[str, Any]) -> str:
     """The winner as a complete train spec: its own name, the sweep's storage, init_from its export."""
+    from pydantic import ValidationError
+
     from raybig.spec import freeze
     from raybig.spec.models import TrainSpec
     from raybig.spec.yaml_io import load_yaml_text
@@ -121,10 +123,17 @@ def best_spec_text(sweep_dir: str, spec: Any, best: dict[str, Any]) -> str:
     # Weights only: `raybig run best.yaml` trains the winner further with a fresh optimizer and schedule.
     # Delete init_from to train the winning configuration from scratch.
     data["init_from"] = best["export"]
+    how = "trains it further (init_from = the winner's weights)"
+    try:
+        text = freeze(TrainSpec.model_validate(data))
+    except ValidationError:  # a task that cannot start from an export yet (e.g. classification)
+        data.pop("init_from")
+        text = freeze(TrainSpec.model_validate(data))
+        how = "trains the winning configuration from scratch (this task cannot start from an export)"
     header = (f"# Winner of sweep {spec.name!r}: {best['trial']} ({spec.metric} {best['metric']:.4f})\n"
               f"# checkpoint: {best['checkpoint']}\n# export:     {best['export']}\n"
-              f"# `raybig run` on this file trains it further (init_from = the winner's weights).\n")
-    return header + freeze(TrainSpec.model_validate(data))
+              f"# `raybig run` on this file {how}.\n")
+    return header + text
 
 
 def write_report(sweep_dir: str, final: bool = False) -> dict[str, Any]:

@@ -7,6 +7,7 @@ Layout of `<storage>/<sweep name>/`:
   status.json              Tune's view of every trial (running / terminated / error)
   trials.json, trials.md   the results table; curves.png the validation curves
   best.yaml, best.json     the winner's full train spec and its checkpoint / export URIs
+  mlflow.json              the sweep's parent MLflow run (with `tracking.mlflow`; see raybig.tune.trial)
 """
 
 from __future__ import annotations
@@ -24,7 +25,15 @@ from raybig.errors import SweepMismatch
 from raybig.spec import changed_paths, freeze, spec_hash
 from raybig.spec.sweep import SweepSpec
 from raybig.train.progress import RunHooks
-from raybig.tune.trial import run_trial, trial_name
+from raybig.tune.trial import (
+    MLFLOW_JSON,
+    MLFLOW_RUN_KEY,
+    TRIAL_JSON,
+    TRIALS_DIR,
+    read_json,
+    run_trial,
+    trial_name,
+)
 
 TUNE_DIR = "tune"
 STATUS = "status.json"
@@ -99,8 +108,29 @@ def _say(text: str) -> None:
 class StatusCallback(Callback):
     """Tune callback (driver side): keeps `status.json` and notes one line per finished trial."""
 
-    def __init__(self, sweep_dir: str, quiet: bool = True):
+    def __init__(self, sweep_dir: str, quiet: bool = True, mlflow: tuple[str, str] | None = None):
         self.uri = f"{sweep_dir}/{STATUS}"
+        self.sweep_dir = sweep_dir
+        self.mlflow = mlflow  # (tracking_uri, experiment): close the child runs of trials Tune ended
+
+    def _close_child(self, trial: Any, status: str) -> None:
+        """End a trial's MLflow child run that its own process could not end (ASHA stop, crash)."""
+        if self.mlflow is None:
+            return
+        info = read_json(storage.join(self.sweep_dir, TRIALS_DIR, trial_name(trial.trial_id), TRIAL_JSON), {}) or {}
+        run_id = info.get(MLFLOW_RUN_KEY)
+        if not run_id:
+            return
+        from raybig.train.tracking import MlflowTracker
+
+        t = MlflowTracker(*self.mlflow, rank=0)
+        t.run_id = run_id
+
+        def close() -> None:
+            if t.client.get_run(run_id).info.status == "RUNNING":
+                t.client.set_terminated(run_id, status)
+
+        t._guard("closing a trial's run", close)
 
     def _set(self, trial: Any, state: str, **extra: Any) -> None:
         # Re-read every time: after Tuner.restore this object is unpickled with stale state.
@@ -120,12 +150,14 @@ class StatusCallback(Callback):
         """Mark the trial terminated and note its last step and val_loss."""
         last = trial.last_result or {}
         self._set(trial, "terminated", step=last.get("step"))
+        self._close_child(trial, "KILLED")  # stopped early by ASHA: its process ended without a word
         _say(f"trial {trial_name(trial.trial_id)} done at step {last.get('step')}: "
              f"val_loss {last.get('val_loss', float('nan')):.4f}  {_short(trial.config)}")
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         """Mark the trial failed and note it."""
         self._set(trial, "error")
+        self._close_child(trial, "FAILED")
         _say(f"trial {trial_name(trial.trial_id)} failed  {_short(trial.config)}")
 
 
@@ -188,9 +220,50 @@ def build_tuner(spec: SweepSpec, sweep_dir: str, python_path: list[str]) -> tupl
                                     search_alg=_search_alg(spec), scheduler=_scheduler(spec)),
         run_config=tune.RunConfig(name=TUNE_DIR, storage_path=spath, storage_filesystem=sfs,
                                   failure_config=tune.FailureConfig(max_failures=spec.trial_failures),
-                                  callbacks=[StatusCallback(sweep_dir), _metrics_callback(spec)], verbose=0),
+                                  callbacks=[StatusCallback(sweep_dir, mlflow=_mlflow_of(spec)),
+                                             _metrics_callback(spec)], verbose=0),
     )
     return tuner, False
+
+
+def _mlflow_of(spec: SweepSpec) -> tuple[str, str] | None:
+    ml = spec.mlflow()
+    return (ml.tracking_uri, ml.experiment) if ml is not None else None
+
+
+def start_parent_run(spec: SweepSpec, sweep_dir: str) -> Any:
+    """The sweep's parent MLflow run (started, or the one a resumed sweep made), or None untracked.
+
+    Params: the frozen sweep spec (secrets as `${VAR}`). Its id goes to `<sweep_dir>/mlflow.json`,
+    where every trial finds it. Never raises once the store was checked (`check_tracking_uri`).
+    """
+    ml = spec.mlflow()
+    if ml is None:
+        return None
+    from raybig.train.tracking import MlflowTracker
+
+    tracker = MlflowTracker(ml.tracking_uri, ml.experiment, run_name=spec.name, rank=0,
+                            tags={"raybig.kind": "sweep", "raybig.name": spec.name, "raybig.run_dir": sweep_dir})
+    old = (read_json(f"{sweep_dir}/{MLFLOW_JSON}", {}) or {}).get("run_id")
+    if old:  # a resumed sweep: the same parent, running again
+        tracker.run_id = old
+        tracker._guard("resuming the sweep's run", lambda: tracker.client.update_run(old, status="RUNNING"))
+        return tracker
+    if tracker.start(freeze(spec)):
+        storage.write_text(f"{sweep_dir}/{MLFLOW_JSON}", json.dumps({"run_id": tracker.run_id}, indent=2))
+    return tracker
+
+
+def end_parent_run(tracker: Any, report: dict[str, Any] | None, status: str = "FINISHED") -> None:
+    """Log the winner (`best_metric`, tag `raybig.best_trial`) on the parent run and end it."""
+    if tracker is None:
+        return
+    best = (report or {}).get("best")
+    if best is not None and best.get("metric") is not None:
+        tracker.log_metrics({"best_metric": best["metric"]}, 0)
+        tracker._guard("tagging the winner",
+                       lambda: tracker.client.set_tag(tracker.run_id, "raybig.best_trial", best["trial"]))
+    tracker.end(status)
 
 
 @contextlib.contextmanager
@@ -248,6 +321,10 @@ def run_sweep(spec: SweepSpec, address: str | None = None, python_path: list[str
     hooks = hooks or RunHooks()
     sweep_dir = sweep_dir_of(spec)
     _check_same_sweep(spec, sweep_dir)  # before Ray starts: a changed spec costs nothing
+    if (ml := spec.mlflow()) is not None:  # an unreachable store: TrackingError (exit 2), before Ray
+        from raybig.train.tracking import check_tracking_uri
+
+        check_tracking_uri(ml.tracking_uri)
     b = spec.base.resources
     # The dashboard must be on: Train's placement-group cleaner uses the State API, and without it
     # the workers of an ASHA-stopped trial are never given back (the next trial hangs).
@@ -260,15 +337,21 @@ def run_sweep(spec: SweepSpec, address: str | None = None, python_path: list[str
     if on_tuner:
         on_tuner(tuner)
     # Tune prints its own tables on stdout; stdout is kept for our result (`--json`).
+    parent = start_parent_run(spec, sweep_dir)
     _note = hooks.note
     try:
         with pinned_ray_address(), contextlib.redirect_stdout(sys.stderr):
             tuner.fit()  # Tune catches Ctrl-C itself: it stops the trials, saves its state and returns
+    except BaseException:
+        end_parent_run(parent, None, "FAILED")
+        raise
     finally:
         _note = None
     report = write_report(sweep_dir, final=True)
     if report["counts"]["interrupted"] or len(report["trials"]) < spec.total_trials():
+        end_parent_run(parent, report, "KILLED")
         hooks.note(f"sweep interrupted: run the same spec again to resume it "
                    f"({report['counts']['interrupted']} trials resume from their last checkpoint)")
         raise KeyboardInterrupt
+    end_parent_run(parent, report)
     return report

@@ -1,0 +1,1 @@
+"""Example plug-ins for `task: custom` (jobs/plugin_custom.yaml)."""
