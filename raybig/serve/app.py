@@ -83,7 +83,8 @@ class AsciiJSONResponse(JSONResponse):
         return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode()
 
 
-def _err(e: ApiError) -> JSONResponse:
+def error_response(e: ApiError) -> JSONResponse:
+    """An ApiError as OpenAI's JSON error body (401s also say `WWW-Authenticate: Bearer`)."""
     headers = {"WWW-Authenticate": "Bearer"} if e.status == 401 else None
     return AsciiJSONResponse(e.body(), status_code=e.status, headers=headers)
 
@@ -104,15 +105,35 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-@api.exception_handler(StarletteHTTPException)
 async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
     typ = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-    return _err(ApiError(exc.status_code, str(exc.detail), type_=typ))
+    return error_response(ApiError(exc.status_code, str(exc.detail), type_=typ))
 
 
-@api.exception_handler(RequestValidationError)
 async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-    return _err(ApiError(400, str(exc.errors()[:1])))
+    return error_response(ApiError(400, str(exc.errors()[:1])))
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """FastAPI's own 404/405/422 answered in OpenAI's error shape (every raybig HTTP app)."""
+    app.add_exception_handler(StarletteHTTPException, _http_error)  # type: ignore[arg-type]
+    app.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]
+
+
+def check_api_key(request: Request, want_sha256: str | None) -> None:
+    """Raise ApiError 401 unless the request's Bearer token hashes to `want_sha256` (None: no key)."""
+    if want_sha256 is None:
+        return
+    header = request.headers.get("authorization", "")
+    token = header[7:].strip() if header.lower().startswith("bearer ") else ""
+    got = hashlib.sha256(token.encode()).hexdigest()
+    # Constant-time compare, and no early exit on a missing header.
+    if not hmac.compare_digest(got, want_sha256) or not token:
+        raise ApiError(401, "Incorrect or missing API key. Send 'Authorization: Bearer <key>'.",
+                       type_="authentication_error", code="invalid_api_key")
+
+
+install_error_handlers(api)
 
 
 # Defined above the deployment: Serve pickles the class with the module globals it sees then.
@@ -178,16 +199,7 @@ class Completions:
     # --- auth ---------------------------------------------------------------------------------
 
     def _check_key(self, request: Request) -> None:
-        want = self.args.api_key_sha256
-        if want is None:
-            return
-        header = request.headers.get("authorization", "")
-        token = header[7:].strip() if header.lower().startswith("bearer ") else ""
-        got = hashlib.sha256(token.encode()).hexdigest()
-        # Constant-time compare, and no early exit on a missing header.
-        if not hmac.compare_digest(got, want) or not token:
-            raise ApiError(401, "Incorrect or missing API key. Send 'Authorization: Bearer <key>'.",
-                           type_="authentication_error", code="invalid_api_key")
+        check_api_key(request, self.args.api_key_sha256)
 
     # --- routes -------------------------------------------------------------------------------
 
@@ -202,7 +214,7 @@ class Completions:
         try:
             self._check_key(request)
         except ApiError as e:
-            return _err(e)
+            return error_response(e)
         return {"object": "list", "data": [{"id": self.args.model_name, "object": "model",
                                             "created": self.created, "owned_by": "raybig",
                                             "context_length": self.context,
@@ -214,7 +226,7 @@ class Completions:
         try:
             self._check_key(request)
         except ApiError as e:
-            return _err(e)
+            return error_response(e)
         return {**self.engine.engine.stats(), "rss_bytes": _rss_bytes()}
 
     @api.post("/v1/completions")
@@ -232,7 +244,7 @@ class Completions:
             job = build_job(req, self.args.model_name, self.gen, self.context, self.tokenizer)
         except ApiError as e:
             timer.done(e.status)
-            return _err(e)
+            return error_response(e)
         return await self._answer(job, req.stream, req.stream_options, timer)
 
     @api.post("/v1/chat/completions")
@@ -251,7 +263,7 @@ class Completions:
             job = build_chat_job(req, prompt, self.args.model_name, self.gen, self.context, self.tokenizer)
         except ApiError as e:
             timer.done(e.status)
-            return _err(e)
+            return error_response(e)
         return await self._answer(job, req.stream, req.stream_options, timer)
 
     @api.post("/v1/predict")
@@ -259,7 +271,7 @@ class Completions:
         """Not offered for a language model: 404 `unsupported_route` pointing at the completions routes."""
         from raybig.serve.predict import wrong_route
 
-        return _err(wrong_route(self.args.model_name, "language model",
+        return error_response(wrong_route(self.args.model_name, "language model",
                                 "POST /v1/completions or /v1/chat/completions"))
 
     async def _answer(self, job: Job, stream: bool, stream_options: dict[str, Any] | None,
@@ -275,7 +287,7 @@ class Completions:
             await gen.aclose()  # a cancelled request (client gone) frees its rows here
         if (err := job.error) is not None:  # this request's generation failed; its batch-mates did not
             timer.done(err.status, job)
-            return _err(err)
+            return error_response(err)
         timer.done(200, job)
         return JSONResponse(job.response())
 

@@ -16,20 +16,22 @@ examples; each request gets its own rows back.
 # No `from __future__ import annotations`: FastAPI must see real types through Serve's ingress.
 
 import asyncio
-import hashlib
-import hmac
 import time
 from typing import Any
 
 import numpy as np
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from ray import serve
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from raybig.metrics import RequestTimer, serve_batch
-from raybig.serve.app import AppArgs, AsciiJSONResponse, read_body
+from raybig.serve.app import (
+    AppArgs,
+    check_api_key,
+    error_response,
+    install_error_handlers,
+    read_body,
+)
 from raybig.serve.predict import (
     ClassifierInfo,
     body_limit,
@@ -45,20 +47,7 @@ CLASSIFIER_DEPLOYMENT = "Classifier"
 api = FastAPI(title="raybig classifier")
 
 
-def _err(e: ApiError) -> JSONResponse:
-    headers = {"WWW-Authenticate": "Bearer"} if e.status == 401 else None
-    return AsciiJSONResponse(e.body(), status_code=e.status, headers=headers)
-
-
-@api.exception_handler(StarletteHTTPException)
-async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-    typ = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-    return _err(ApiError(exc.status_code, str(exc.detail), type_=typ))
-
-
-@api.exception_handler(RequestValidationError)
-async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-    return _err(ApiError(400, str(exc.errors()[:1])))
+install_error_handlers(api)
 
 
 # Typed Any: serve.batch's stubs do not describe methods well; sizes are set per replica in __init__.
@@ -100,15 +89,7 @@ class Classifier:
         self.stats = {"requests": 0, "batches": 0, "max_batch_requests": 0}
 
     def _check_key(self, request: Request) -> None:
-        want = self.args.api_key_sha256
-        if want is None:
-            return
-        header = request.headers.get("authorization", "")
-        token = header[7:].strip() if header.lower().startswith("bearer ") else ""
-        got = hashlib.sha256(token.encode()).hexdigest()
-        if not hmac.compare_digest(got, want) or not token:
-            raise ApiError(401, "Incorrect or missing API key. Send 'Authorization: Bearer <key>'.",
-                           type_="authentication_error", code="invalid_api_key")
+        check_api_key(request, self.args.api_key_sha256)
 
     @api.get("/health")
     async def health(self) -> dict[str, str]:
@@ -121,7 +102,7 @@ class Classifier:
         try:
             self._check_key(request)
         except ApiError as e:
-            return _err(e)
+            return error_response(e)
         i = self.info
         return {"object": "list", "data": [{"id": self.args.model_name, "object": "model", "created": self.created,
                                             "owned_by": "raybig", "task": "classification", "arch": i.arch,
@@ -133,7 +114,7 @@ class Classifier:
         try:
             self._check_key(request)
         except ApiError as e:
-            return _err(e)
+            return error_response(e)
         return dict(self.stats)
 
     @api.post("/v1/predict")
@@ -147,7 +128,7 @@ class Classifier:
             x = parse_predict(raw, self.info, self.args.model_name, self.args.max_inputs)
         except ApiError as e:
             timer.done(e.status)
-            return _err(e)
+            return error_response(e)
         probs = await self._predict(x)
         timer.done(200)
         return JSONResponse(response(self.args.model_name, probs))
@@ -155,12 +136,12 @@ class Classifier:
     @api.post("/v1/completions")
     async def completions(self) -> Any:
         """Not offered for a classifier: 404 `unsupported_route` pointing at /v1/predict."""
-        return _err(wrong_route(self.args.model_name, "classifier", "POST /v1/predict"))
+        return error_response(wrong_route(self.args.model_name, "classifier", "POST /v1/predict"))
 
     @api.post("/v1/chat/completions")
     async def chat_completions(self) -> Any:
         """Not offered for a classifier: 404 `unsupported_route` pointing at /v1/predict."""
-        return _err(wrong_route(self.args.model_name, "classifier", "POST /v1/predict"))
+        return error_response(wrong_route(self.args.model_name, "classifier", "POST /v1/predict"))
 
     @_batched  # Serve gathers concurrent `_predict(x)` calls into one `_predict(xs)`
     async def _predict(self, xs: list[np.ndarray]) -> list[np.ndarray]:
