@@ -127,9 +127,10 @@ HEAD_MAPPINGS = {"causal_lm": "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES", "masked_lm": 
 
 @functools.lru_cache(maxsize=4)
 def known_head_types(task: str) -> frozenset[str] | None:
-    """Model types that have `task`'s head (`HEAD_MAPPINGS`), read with `ast` as `known_causal_lm_types`.
+    """Model types (`config.json` `model_type`) that have `task`'s head (`HEAD_MAPPINGS`).
 
-    None when transformers is absent or its layout changed (the check is then left to load time).
+    Read from the installed transformers' `models/auto/modeling_auto.py` with `ast` (importing it
+    would import torch). None when transformers is absent or its layout changed (the check is then left to load time).
     """
     spec = importlib.util.find_spec("transformers")
     if spec is None or not spec.submodule_search_locations or task not in HEAD_MAPPINGS:
@@ -151,7 +152,6 @@ def known_head_types(task: str) -> frozenset[str] | None:
     return None
 
 
-@functools.lru_cache(maxsize=1)
 def known_causal_lm_types() -> frozenset[str] | None:
     """Model types (`config.json` `model_type`) that `AutoModelForCausalLM` maps to a class.
 
@@ -159,25 +159,7 @@ def known_causal_lm_types() -> frozenset[str] | None:
     would import torch). None when transformers is absent or the file's layout changed; callers then
     leave the check to load time.
     """
-    spec = importlib.util.find_spec("transformers")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    src = os.path.join(list(spec.submodule_search_locations)[0], "models", "auto", "modeling_auto.py")
-    try:
-        with open(src, encoding="utf-8") as f:
-            tree = ast.parse(f.read())
-    except (OSError, SyntaxError):
-        return None
-    for node in tree.body:
-        if (isinstance(node, ast.Assign) and len(node.targets) == 1
-                and getattr(node.targets[0], "id", None) == "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES"
-                and isinstance(node.value, ast.Call) and node.value.args):
-            try:
-                pairs = ast.literal_eval(node.value.args[0])
-            except ValueError:
-                return None
-            return frozenset(k for k, _ in pairs)
-    return None
+    return known_head_types("causal_lm")
 
 
 def check_architecture(config: Mapping[str, Any], trust_remote_code: bool, where: str) -> None:
