@@ -264,10 +264,7 @@ def queue_quota(ctx: click.Context, user: str | None, caps: tuple[str, ...], cle
         return
     if clear:
         raise UsageError("--clear needs a USER")
-    got = read_quotas(address)
-    if got is None:
-        raise ClusterError("the scheduler's queue board cannot be read (no raybig job has run on this cluster "
-                           "yet, or an older raybig runs there)")
+    got = _board(read_quotas(address))
     if as_json:
         out.file.write(json.dumps(got, indent=2) + "\n")
         return
@@ -276,6 +273,14 @@ def queue_quota(ctx: click.Context, user: str | None, caps: tuple[str, ...], cle
     for u, q in sorted(got["quotas"].items()):
         used = got["usage"].get(u, {})
         out.print(f"{u}: " + ", ".join(f"{k} {used.get(k, 0):g} of {v:g}" for k, v in sorted(q.items())))
+
+
+def _board(got: dict[str, Any] | None) -> dict[str, Any]:
+    """What a queue-board read returned; None (nothing there to read) is a ClusterError (exit 1)."""
+    if got is None:
+        raise ClusterError("the scheduler's queue board cannot be read (no raybig job has run on this cluster "
+                           "yet, or an older raybig runs there)")
+    return got
 
 
 @queue.command("preemption")
@@ -305,10 +310,7 @@ def queue_preemption(ctx: click.Context, enabled: bool | None, min_gap: str | No
         console.print(f"[green]preemption[/green] {escape(json.dumps(update))} (the scheduler applies it at "
                       "its next tick)", soft_wrap=True)
         return
-    got = read_preemption(address)
-    if got is None:
-        raise ClusterError("the scheduler's queue board cannot be read (no raybig job has run on this cluster "
-                           "yet, or an older raybig runs there)")
+    got = _board(read_preemption(address))
     if as_json:
         out.file.write(json.dumps(got, indent=2) + "\n")
         return
