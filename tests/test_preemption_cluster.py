@@ -9,11 +9,11 @@ namespace multi-host fixture is not used here (it needs root and adds minutes on
 from __future__ import annotations
 
 import json
-import os
 import pathlib
 import time
 
 import pytest
+from scheduler_fakes import attached_local_cluster
 from test_submit import ROOT, SNAPSHOT, cli, fast_submit, on_cluster, states, wait_done, wait_for
 
 pytestmark = [pytest.mark.cluster, pytest.mark.ray, pytest.mark.slow]
@@ -23,27 +23,10 @@ STEPS = 16
 
 @pytest.fixture(scope="module")
 def cl(tmp_path_factory):
-    from raybig.cluster.local import LocalCluster
-
-    d = tmp_path_factory.mktemp("pcluster")
-    c = LocalCluster(dir=str(d / "c"), workers=0, head_cpus=3,
-                     env={"RAYBIG_SCHED_TICK_S": "0.3", "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "60",
-                          "OMP_NUM_THREADS": "1"})
-    saved = {k: os.environ.get(k) for k in ("RAY_AUTH_TOKEN_PATH", "RAYBIG_HOME", "RAY_AUTH_TOKEN")}
-    try:
-        c.up()
-        os.environ["RAY_AUTH_TOKEN_PATH"] = c.token_path
-        os.environ["RAYBIG_HOME"] = str(d / "home")
-        os.environ.pop("RAY_AUTH_TOKEN", None)
-        c.tmp = d  # type: ignore[attr-defined]
+    with attached_local_cluster(tmp_path_factory.mktemp("pcluster"),
+                                {"RAYBIG_SCHED_TICK_S": "0.3", "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "60",
+                                 "OMP_NUM_THREADS": "1"}) as c:
         yield c
-    finally:
-        c.down()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def _metrics(c, job_id: str) -> list[dict]:

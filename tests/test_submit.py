@@ -17,6 +17,7 @@ import sys
 import time
 
 import pytest
+from scheduler_fakes import attached_local_cluster
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 RAY = str(pathlib.Path(sys.executable).parent / "ray")
@@ -34,27 +35,10 @@ max_retries: {retries}
 
 @pytest.fixture(scope="module")
 def cl(tmp_path_factory):
-    from raybig.cluster.local import LocalCluster
-
-    d = tmp_path_factory.mktemp("cluster")
-    c = LocalCluster(dir=str(d / "c"), workers=0, head_cpus=3,
-                     env={"RAYBIG_RETRY_BACKOFF_S": "0.3", "RAYBIG_SCHED_TICK_S": "0.3",
-                          "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "60"})
-    saved = {k: os.environ.get(k) for k in ("RAY_AUTH_TOKEN_PATH", "RAYBIG_HOME", "RAY_AUTH_TOKEN")}
-    try:
-        c.up()
-        os.environ["RAY_AUTH_TOKEN_PATH"] = c.token_path
-        os.environ["RAYBIG_HOME"] = str(d / "home")
-        os.environ.pop("RAY_AUTH_TOKEN", None)
-        c.tmp = d  # type: ignore[attr-defined]
+    with attached_local_cluster(tmp_path_factory.mktemp("cluster"),
+                                {"RAYBIG_RETRY_BACKOFF_S": "0.3", "RAYBIG_SCHED_TICK_S": "0.3",
+                                 "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "60"}) as c:
         yield c
-    finally:
-        c.down()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def cli(c, *args: str, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
