@@ -440,13 +440,13 @@ raw_body = st.one_of(
 
 def check_in_process(raw: bytes) -> int:
     """parse_request -> build_job, as the ingress runs them; errors rendered as it renders them."""
-    from raybig.serve.app import _err
+    from raybig.serve.app import error_response
     from raybig.serve.schema import ApiError, build_job, parse_request
 
     try:
         job = build_job(parse_request(raw), "t-hostile", _gen(), 128)
     except ApiError as e:
-        resp = _err(e)
+        resp = error_response(e)
         body = json.loads(resp.body)
         assert 400 <= resp.status_code < 500 and body["error"]["message"] and body["error"]["type"], body
         return resp.status_code
