@@ -46,6 +46,15 @@ def one_torch_thread():
 
 
 @pytest.fixture
+def ray_starts(monkeypatch) -> list:
+    """Calls of ensure_ray (how every raybig command starts Ray): proves "before Ray" even when an
+    earlier test in this process left a Ray running (so ray.is_initialized() says nothing)."""
+    started: list = []
+    monkeypatch.setattr("raybig.cluster.ray_env.ensure_ray", lambda *a, **k: started.append(1) or {})
+    return started
+
+
+@pytest.fixture
 def storage_dir(tmp_path):
     return str(tmp_path / "runs")
 

@@ -213,17 +213,8 @@ def _fake_run(tmp_path, steps_done: int, export: bool, **sets: object) -> tuple[
     return storage, str(run / "spec.yaml")
 
 
-def _watch_ray_start(monkeypatch) -> list:
-    """Calls of ensure_ray (how every raybig command starts Ray): proves "before Ray" even when an
-    earlier test in this process left a Ray running (so ray.is_initialized() says nothing)."""
-    started: list = []
-    monkeypatch.setattr("raybig.cluster.ray_env.ensure_ray", lambda *a, **k: started.append(1) or {})
-    return started
-
-
 @pytest.mark.unit
-def test_a_spec_the_checkpoint_cannot_carry_is_one_line_and_leaves_spec_yaml(tmp_path, monkeypatch):
-    started = _watch_ray_start(monkeypatch)
+def test_a_spec_the_checkpoint_cannot_carry_is_one_line_and_leaves_spec_yaml(tmp_path, ray_starts):
     storage, spec_yaml = _fake_run(tmp_path, 8, export=True)
     before = pathlib.Path(spec_yaml).read_text()
     t0 = time.time()
@@ -233,7 +224,7 @@ def test_a_spec_the_checkpoint_cannot_carry_is_one_line_and_leaves_spec_yaml(tmp
     assert "model.preset (gpt-debug -> gpt-tiny)" in line and "new `name`" in line and "init_from" in line, line
     assert "train.steps" not in line  # a carried change is not blamed
     assert pathlib.Path(spec_yaml).read_text() == before
-    assert not started and time.time() - t0 < 30
+    assert not ray_starts and time.time() - t0 < 30
     # (resources.workers is carried: another worker count converts the checkpoint, raybig.train.universal)
     for override, field in [("deepspeed.zero_stage=3", "deepspeed.zero_stage")]:
         res = CliRunner().invoke(main, ["run", DEBUG, "--set", f"storage.path={storage}", "--set", override])
@@ -241,13 +232,12 @@ def test_a_spec_the_checkpoint_cannot_carry_is_one_line_and_leaves_spec_yaml(tmp
 
 
 @pytest.mark.unit
-def test_rerunning_a_finished_run_says_it_is_complete(tmp_path, monkeypatch):
-    started = _watch_ray_start(monkeypatch)
+def test_rerunning_a_finished_run_says_it_is_complete(tmp_path, ray_starts):
     storage, _ = _fake_run(tmp_path, 8, export=True)
     res = CliRunner().invoke(main, ["run", DEBUG, "--set", f"storage.path={storage}"])
     assert res.exit_code == 0, res.output
     assert "'debug' is complete" in res.output and "nothing was run" in res.output, res.output
-    assert "nan" not in res.output and not started
+    assert "nan" not in res.output and not ray_starts
     js = CliRunner().invoke(main, ["run", DEBUG, "--set", f"storage.path={storage}", "--json"])
     assert js.exit_code == 0 and json.loads(js.stdout)["resumed_from_step"] == 8
 
@@ -293,8 +283,7 @@ def test_grid_enumerates_choice_values_and_the_pipeline_example_runs_two_trials(
 
 
 @pytest.mark.unit
-def test_a_changed_sweep_under_the_same_name_is_one_line_before_ray(tmp_path, monkeypatch):
-    started = _watch_ray_start(monkeypatch)
+def test_a_changed_sweep_under_the_same_name_is_one_line_before_ray(tmp_path, ray_starts):
     sweep = tmp_path / "sweep.yaml"
     sweep.write_text(f"kind: sweep\nname: s\nbase: {DEBUG}\nscheduler: none\nnum_samples: 1\n"
                      f"storage: {{path: {tmp_path}/runs}}\nsearch:\n  train.lr: {{choice: [1.0e-3]}}\n")
@@ -306,7 +295,7 @@ def test_a_changed_sweep_under_the_same_name_is_one_line_before_ray(tmp_path, mo
     res = CliRunner().invoke(main, ["run", str(sweep)])
     line = _one_line_error(res)
     assert "seed changed" in line and "new name" in line, line
-    assert not started
+    assert not ray_starts
 
 
 @pytest.mark.unit

@@ -229,9 +229,7 @@ def test_optuna_search_is_seeded_and_takes_our_space():
                and 4 <= s["train.steps"] <= 6 for s in a)
 
 
-def test_sweep_refuses_an_unreachable_tracking_store_before_ray(tmp_path):
-    import ray
-
+def test_sweep_refuses_an_unreachable_tracking_store_before_ray(tmp_path, ray_starts):
     from raybig.errors import TrackingError
     from raybig.tune import run_sweep
 
@@ -240,4 +238,4 @@ def test_sweep_refuses_an_unreachable_tracking_store_before_ray(tmp_path):
     assert spec.mlflow().tracking_uri == "http://127.0.0.1:9"
     with pytest.raises(TrackingError, match="cannot be reached") as e:
         run_sweep(spec)
-    assert e.value.exit_code == 2 and not ray.is_initialized()
+    assert e.value.exit_code == 2 and not ray_starts
