@@ -81,6 +81,10 @@ METRICS: dict[str, MetricDef] = {m.name: m for m in [
     # training (rank 0 reports the all-reduced values; peak memory comes from every rank)
     MetricDef("raybig_train_loss", "gauge", "Training loss (mean over ranks, last log window).", _TRAIN),
     MetricDef("raybig_train_val_loss", "gauge", "Validation loss at the last eval.", _TRAIN),
+    MetricDef("raybig_train_accuracy_ratio", "gauge", "Training accuracy (0-1; a classifier's, or a masked LM's "
+              "on its masked tokens), last log window; absent for causal LMs.", _TRAIN),
+    MetricDef("raybig_train_val_accuracy_ratio", "gauge", "Validation accuracy (0-1) at the last eval; absent for "
+              "causal LMs.", _TRAIN),
     MetricDef("raybig_train_learning_rate", "gauge", "Learning rate at the last step.", _TRAIN),
     MetricDef("raybig_train_step", "gauge", "Optimizer steps completed.", _TRAIN),
     MetricDef("raybig_train_throughput_tokens_per_second", "gauge", "Training tokens/s, all workers.", _TRAIN),
@@ -234,7 +238,10 @@ class TrainMetrics:
                   "lr": "raybig_train_learning_rate", "step": "raybig_train_step",
                   "tokens_per_s": "raybig_train_throughput_tokens_per_second",
                   "step_time_s": "raybig_train_step_time_seconds", "samples": "raybig_train_samples_seen",
-                  "checkpoint_save_s": "raybig_train_checkpoint_save_seconds"}
+                  "checkpoint_save_s": "raybig_train_checkpoint_save_seconds",
+                  "accuracy": "raybig_train_accuracy_ratio", "masked_accuracy": "raybig_train_accuracy_ratio",
+                  "val_accuracy": "raybig_train_val_accuracy_ratio",
+                  "val_masked_accuracy": "raybig_train_val_accuracy_ratio"}
         for key, name in simple.items():
             if m.get(key) is not None:
                 emit(name, m[key], **self.tags)

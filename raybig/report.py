@@ -89,12 +89,25 @@ def summarize(history: list[dict[str, Any]], name: str = "") -> tuple[list[str],
         "mean_step_time_s": sum(st) / len(st) if st else None,
         "peak_mem_bytes": max((h.get("peak_mem_bytes") or 0) for h in history) or None,
     }
+    # Classifiers report `accuracy`, masked LMs `masked_accuracy` (on the masked tokens); causal LMs neither.
+    acc_key = "accuracy" if series(history, "accuracy")[1] or series(history, "val_accuracy")[1] else "masked_accuracy"
+    _, acc = series(history, acc_key)
+    vasteps, vacc = series(history, f"val_{acc_key}")
+    if acc or vacc:
+        stats.update(accuracy_metric=acc_key, final_accuracy=acc[-1] if acc else None,
+                     final_val_accuracy=vacc[-1] if vacc else None, best_val_accuracy=max(vacc) if vacc else None,
+                     best_val_accuracy_step=vasteps[vacc.index(max(vacc))] if vacc else None)
     lines = [f"run {name}: {stats['steps']} steps, {stats['tokens']:,} tokens"]
     if loss:
         lines.append(f"loss {_f(stats['first_loss'])} -> {_f(stats['final_loss'])}")
     if vloss:
         lines.append(f"val_loss {_f(stats['first_val_loss'])} -> {_f(stats['final_val_loss'])} "
                      f"(best {_f(stats['best_val_loss'])} at step {stats['best_val_step']})")
+    if vacc:
+        lines.append(f"val_{acc_key} {_f(vacc[0])} -> {_f(vacc[-1])} (best {_f(max(vacc))} at step "
+                     f"{stats['best_val_accuracy_step']})")
+    elif acc:
+        lines.append(f"{acc_key} {_f(acc[0])} -> {_f(acc[-1])}")
     if tps:
         lines.append(f"throughput {stats['mean_tokens_per_s']:,.0f} tokens/s mean, "
                      f"step time {stats['mean_step_time_s'] * 1000:.1f} ms mean")
@@ -158,6 +171,9 @@ def train_report(run_dir: str, out_dir: str | None = None, tensorboard: bool = F
     plots = {
         "loss.png": _plot([("loss", *series(history, "loss")), ("val_loss", *series(history, "val_loss"))],
                           f"{name}: loss", "cross-entropy (nats/token)"),
+        "accuracy.png": _plot([(k, *series(history, k)) for k in ("accuracy", "val_accuracy", "masked_accuracy",
+                                                                   "val_masked_accuracy")],
+                              f"{name}: accuracy", "accuracy (0-1)"),
         "lr.png": _plot([("lr", *series(history, "lr"))], f"{name}: learning rate", "learning rate"),
         "throughput.png": _plot([("tokens/s", *series(history, "tokens_per_s"))], f"{name}: throughput",
                                 "tokens/s (all workers)"),
@@ -175,7 +191,9 @@ def train_report(run_dir: str, out_dir: str | None = None, tensorboard: bool = F
 
 TB_KEYS = {"loss": "train/loss", "val_loss": "val/loss", "lr": "train/lr", "tokens_per_s": "perf/tokens_per_s",
            "step_time_s": "perf/step_time_s", "peak_mem_bytes": "perf/peak_mem_bytes",
-           "checkpoint_save_s": "perf/checkpoint_save_s"}
+           "checkpoint_save_s": "perf/checkpoint_save_s", "accuracy": "train/accuracy",
+           "val_accuracy": "val/accuracy", "masked_accuracy": "train/masked_accuracy",
+           "val_masked_accuracy": "val/masked_accuracy"}
 
 
 def write_tensorboard(history: list[dict[str, Any]], tb_dir: str) -> str:

@@ -4,9 +4,10 @@ on validation loss (the student's own cross-entropy on the held-out split).
 
 Setup (small-data regime, where soft targets help most, as in the paper's section 3): the teacher is
 a digits MLP trained on the whole training split; both students are a narrower MLP trained on 50
-examples (5 per class) and validated on the full validation split. Hard labels on 50 examples
-overfit (validation loss climbs); the teacher's soft targets carry how each digit resembles the
-others. The trainings run `raybig.train.loop.train_worker` in one subprocess (world size 1, gloo,
+examples (5 per class) and validated on the full validation split. On 50 examples hard labels
+alone generalise poorly (the plain student fits them all and its validation loss stays high); the
+teacher's soft targets carry how each digit resembles the others. Measured: at 150 steps plain
+val_loss 0.51, distilled 0.36-0.42 over (alpha, T) in {(0.5, 2), (0.7, 2), (0.5, 4), (0.9, 1)}. The trainings run `raybig.train.loop.train_worker` in one subprocess (world size 1, gloo,
 DeepSpeed ZeRO-2 on the CPU), not under Ray: the loop and the teacher are the components under test,
 and a subprocess keeps torch.distributed out of the pytest process.
 """
@@ -72,15 +73,13 @@ def main(root: str) -> None:
     disable_shm_comm_build()  # else init_distributed JIT-builds DeepSpeed's shm op (minutes)
     deepspeed.init_distributed(dist_backend="gloo")
     out = {}
-    for name in ("teacher", "distilled", "plain"):
+    for name in ("teacher", "distilled", "distilled_z3", "plain"):
         out[name] = _train(f"{root}/{name}.yaml", f"{root}/runs/{name}")
     print("RESULT " + json.dumps({k: {m: v for m, v in r.items() if m.startswith(("val_", "loss", "accuracy",
                                                                                   "distill"))}
                                   for k, r in out.items()}))
 
 
-@pytest.mark.xfail(run=False, reason="open: at 60 steps the distilled student's val_loss (5.9) is far above the plain "
-                   "student's (0.96); the teacher path or T^2 scaling at lr 1e-2 needs investigating", strict=False)
 def test_distilled_student_beats_plain_student(tmp_path):
     from raybig.train.classifiers import load_digits_split
 
@@ -91,21 +90,26 @@ def test_distilled_student_beats_plain_student(tmp_path):
     (tmp_path / "teacher.yaml").write_text(
         "name: teacher\nclassifier: {arch: mlp, hidden: [128, 64]}\n" + COMMON.format(steps=120, root=tmp_path))
     student = f"classifier: {{arch: mlp, hidden: [32], dataset: {tmp_path}/few.npz}}\n" + COMMON.format(
-        steps=60, root=tmp_path)
-    distill = f"distill: {{teacher: {tmp_path}/runs/teacher, temperature: 4.0, alpha: 0.9}}\n"
+        steps=150, root=tmp_path)
+    distill = f"distill: {{teacher: {tmp_path}/runs/teacher, temperature: 4.0, alpha: 0.5}}\n"
     (tmp_path / "distilled.yaml").write_text("name: distilled\n" + distill + student)
     (tmp_path / "plain.yaml").write_text("name: plain\n" + student)
+    # At ZeRO-3 the teacher runs as a ZeRO-Inference engine (`shard_teacher`), not a plain module.
+    (tmp_path / "distilled_z3.yaml").write_text("name: distilled_z3\n" + distill + student.replace(
+        "zero_stage: 2", "zero_stage: 3"))
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(ROOT)}
     proc = subprocess.run([sys.executable, __file__, str(tmp_path)], capture_output=True, text=True, env=env,
                           timeout=400, cwd=str(tmp_path))
     line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
     assert line is not None, proc.stderr[-3000:]
     res = json.loads(line[len("RESULT "):])
-    t, d, p = res["teacher"], res["distilled"], res["plain"]
+    t, d, d3, p = res["teacher"], res["distilled"], res["distilled_z3"], res["plain"]
     assert t["val_accuracy"] >= 0.9, res
     assert "distill_loss" in d and "distill_loss" not in p, res
     # Equal steps, same student, same 50 examples: the teacher's soft targets generalise better.
-    assert d["val_loss"] < p["val_loss"] * 0.9, res
+    assert d["val_loss"] < p["val_loss"] * 0.9 and d["val_accuracy"] >= p["val_accuracy"], res
+    assert "val_distill_loss" not in d, res  # validation scores the student's own data loss
+    assert d3["val_loss"] < p["val_loss"] * 0.9 and "distill_loss" in d3, res
     assert os.path.isdir(tmp_path / "runs" / "distilled" / "export")
 
 

@@ -190,6 +190,19 @@ def test_train_metrics_what_each_rank_publishes(monkeypatch):
     assert not [n for n, _, _ in sent if n == "raybig_train_mfu_ratio"]
 
 
+def test_accuracy_gauges_for_classifiers_and_masked_lms_only(monkeypatch):
+    sent: list[tuple[str, float]] = []
+    monkeypatch.setattr(M, "emit", lambda name, value, **tags: sent.append((name, value)))
+    r = M.TrainMetrics("job", "run", "", rank=0, world_size=1)
+    r.report({"step": 2, "loss": 4.0})  # a causal LM: no accuracy series at all
+    assert not [n for n, _ in sent if "accuracy" in n]
+    r.report({"step": 4, "loss": 0.3, "accuracy": 0.9, "val_loss": 0.4, "val_accuracy": 0.88})
+    r.report({"step": 6, "loss": 2.0, "masked_accuracy": 0.4, "val_masked_accuracy": 0.35})
+    acc = [(n, v) for n, v in sent if "accuracy" in n]
+    assert acc == [("raybig_train_accuracy_ratio", 0.9), ("raybig_train_val_accuracy_ratio", 0.88),
+                   ("raybig_train_accuracy_ratio", 0.4), ("raybig_train_val_accuracy_ratio", 0.35)]
+
+
 def test_scheduler_observe_depth_and_admissions(monkeypatch):
     from types import SimpleNamespace as NS
 

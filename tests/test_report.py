@@ -50,6 +50,24 @@ def test_report_writes_plots_and_summary(tmp_path):
     assert rep.stats["best_val_step"] == 40 and rep.stats["final_loss"] < rep.stats["first_loss"]
 
 
+def test_classifier_report_has_accuracy_line_stats_and_plot(tmp_path):
+    run = fake_run(tmp_path)
+    recs = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+    for r in recs:
+        if "loss" in r:
+            r["accuracy"] = min(1.0, 0.1 + r["step"] / 50)
+        if "val_loss" in r:
+            r["val_accuracy"] = 0.9 if r["step"] == 30 else min(0.85, 0.1 + r["step"] / 50)
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    rep = report(str(run))
+    assert_real_png(run / "report" / "accuracy.png")
+    assert "val_accuracy 0.1000 -> 0.8500 (best 0.9000 at step 30)" in (run / "report" / "summary.txt").read_text()
+    assert rep.stats["best_val_accuracy"] == 0.9 and rep.stats["final_accuracy"] == 0.9
+    lines, stats = summarize(read_history(str(fake_run(tmp_path / "lm"))), "lm")  # a causal LM: none of it
+    assert "accuracy_metric" not in stats and not any("accuracy" in ln for ln in lines)
+    assert not (tmp_path / "lm" / "runs" / "demo" / "report" / "accuracy.png").exists()
+
+
 def test_history_dedupes_steps_and_skips_blank_lines(tmp_path):
     run = fake_run(tmp_path)
     with open(run / "metrics.jsonl", "a") as f:

@@ -109,7 +109,7 @@ class Built:
         return {f"val_{k}": v for k, v in self.val.items()}
 
     def loss(self, engine: Any, x: torch.Tensor, y: torch.Tensor, positions: torch.Tensor | None = None,
-             doc_ids: torch.Tensor | None = None) -> torch.Tensor:
+             doc_ids: torch.Tensor | None = None, validation: bool = False) -> torch.Tensor:
         """Mean next-token cross-entropy, a float32 scalar on the device.
 
         `x` (B, T) int64 token ids, `y` (B, T) int64 targets, `y[:, t]` the token after `x[:, t]`;
@@ -123,6 +123,8 @@ class Built:
         gets `position_ids` restarting per example and no attention mask, from which transformers'
         masking utilities (5.x; the Llama, Qwen, Mistral, GPT-2 ... families) build the same
         block-diagonal mask; a plug-in gets `(x, y)` only (its examples may see each other).
+
+        `validation`: score with `eval_task` when there is one (a distilled student's own data loss).
         """
         if self.task is not None:  # classifiers, masked LM, distillation: the task scores the logits
             batch: Any = (x, y)  # built-in classifier: x (B, *example_shape) float32, y (B,) labels
@@ -130,9 +132,10 @@ class Built:
                 batch = {"input_ids": x, "labels": y}
                 if self.pad_id is not None:
                     batch["attention_mask"] = (x != self.pad_id).long()
-            # Validation (the loop puts the engine in eval mode) scores the student's own data loss,
-            # so a distilled run's val_loss compares with an undistilled one's.
-            task = self.eval_task if self.eval_task is not None and not engine.training else self.task
+            # Validation scores the student's own data loss, so a distilled run's val_loss compares
+            # with an undistilled one's. An explicit flag: DeepSpeedEngine.eval() leaves the engine's
+            # own `training` attribute True (it only switches the wrapped module).
+            task = self.eval_task if self.eval_task is not None and validation else self.task
             loss, m = task.loss_and_metrics(engine, batch)
             self.metrics = {k: v for k, v in m.items() if k != "loss"}
             return loss

@@ -319,7 +319,7 @@ def evaluate(engine: Any, batches: Any, n: int, device: torch.device, built: Bui
         else:
             xv, yv = batches.val_batch(i)
             x, y, pos, docs = xv.to(device), yv.to(device), None, None
-        loss = built.loss(engine, x, y, pos, docs) if built is not None else engine(x, y)
+        loss = built.loss(engine, x, y, pos, docs, validation=True) if built is not None else engine(x, y)
         total += loss.detach().to(torch.float64)
         for k, v in (built.metrics if built is not None else {}).items():
             extra[k] = extra.get(k, 0.0) + v

@@ -360,10 +360,16 @@ def distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, lab
     lab = labels.reshape(-1).to(s.device)
     keep = lab != ignore_index
     s, t, lab = s[keep], t[keep], lab[keep]
+    soft, ce = _distill_terms(s, t, lab, temperature)
+    return alpha * soft + (1 - alpha) * ce
+
+
+def _distill_terms(s: torch.Tensor, t: torch.Tensor, labels: torch.Tensor,
+                   temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(T^2 * KL(teacher_T || student_T), CE(student, labels)) of (N, V) float32 logits, (N,) labels."""
     kl = F.kl_div(F.log_softmax(s / temperature, -1), F.log_softmax(t / temperature, -1),
                   reduction="batchmean", log_target=True)
-    ce = F.cross_entropy(s, lab)
-    return alpha * temperature**2 * kl + (1 - alpha) * ce
+    return temperature**2 * kl, F.cross_entropy(s, labels)
 
 
 class Distillation:
@@ -373,8 +379,10 @@ class Distillation:
     under `no_grad`, and may be any module the base task can call (a DeepSpeed ZeRO-3 inference
     engine included). Its logits must have the student's shape (same vocabulary or classes).
 
-    Metrics: the base task's metrics on the student (`loss` is the base task's data loss) plus
-    `distill_loss` (the mixed loss that is optimised).
+    Metrics: the base task's metrics on the student (the loop's `loss` is the mixed loss that is
+    optimised) plus `distill_loss`, the soft-target term T^2 * KL alone (before the alpha weight).
+    Validation scores the base task alone (`Built.eval_task`), so `val_loss` compares with an
+    undistilled run's.
     """
 
     def __init__(self, base: Any, teacher: Any, temperature: float = 2.0, alpha: float = 0.5):
@@ -392,7 +400,13 @@ class Distillation:
             t = self.base.logits(self.teacher, inputs)
         _, metrics = self.base.score(s.detach(), labels)
         loss = distill_loss(s, t, labels, self.temperature, self.alpha)
-        return loss, {**metrics, "distill_loss": float(loss.detach())}
+        V = s.size(-1)
+        lab = labels.reshape(-1).to(s.device)
+        keep = lab != IGNORE_INDEX
+        with torch.no_grad():
+            soft, _ = _distill_terms(s.detach().reshape(-1, V).float()[keep],
+                                     t.reshape(-1, V).float().to(s.device)[keep], lab[keep], self.temperature)
+        return loss, {**metrics, "distill_loss": float(soft)}
 
 
 def get_task(name: str = "causal_lm", **options: Any) -> TaskStrategy:
