@@ -259,6 +259,10 @@ def test_extending_steps_resumes_and_says_how_the_learning_rate_continues(tmp_pa
     assert plan.schedule_from is not None and plan.schedule_from.step == 8
     assert plan.schedule_from.ratio == pytest.approx(spec.train.min_lr_ratio)
     assert f"continues from {floor:.3g} at step 8 and stays at {floor:.3g}" in text, text
+    # Queueing fields are the scheduler's, not the checkpoint's: changing them resumes.
+    queued = check_resume_compatible(load_spec(DEBUG, [f"storage.path={storage}", "priority=7", "max_retries=1",
+                                                       "preemptible=false"]), f"{storage}/debug")
+    assert queued.resume_step == 8 and queued.changed == ["max_retries", "preemptible", "priority"]
     # No checkpoint at all: the run starts over, whatever changed.
     fresh = check_resume_compatible(load_spec(DEBUG, [f"storage.path={tmp_path}/none"]), f"{tmp_path}/none/debug")
     assert fresh.resume_step is None and not fresh.notes

@@ -264,7 +264,7 @@ def test_worker_range_admission_tells_the_holder_its_size(monkeypatch):
     assert core.board()["usage"]["u"]["CPU"] == 2.5  # 2 workers + the driver
 
 
-def test_the_loops_watch_polls_on_rank_0_only_and_agrees_every_step(monkeypatch):
+def test_the_loops_watch_polls_on_rank_0_only_and_agrees_at_the_same_steps(monkeypatch):
     from raybig.train import preempt
 
     reads: list[str] = []
@@ -272,18 +272,55 @@ def test_the_loops_watch_polls_on_rank_0_only_and_agrees_every_step(monkeypatch)
     monkeypatch.setattr(preempt, "POLL_S", 0.0)
     agreed: list[list[float]] = []
 
-    def agree(v: list[float]) -> list[float]:  # rank 1 says 0; "max" over ranks is rank 0's flag
+    def agree(v: list[float]) -> list[float]:  # "max" over ranks: rank 1 sends zeros, so rank 0's values
         agreed.append(v)
-        return [max(v[0], 0.0)]
+        return [max(v[0], 0.0), max(v[1], 0.0)]
 
     w0 = preempt.Watch(0, agree, job_id="j")
-    w1 = preempt.Watch(1, lambda v: [1.0], job_id="j")  # the all-reduce carries rank 0's flag to rank 1
-    assert w0.stop_now() is False and w0.stop_now() is True and w0.stop_now() is True
+    w1 = preempt.Watch(1, lambda v: [1.0, 1.0], job_id="j")  # the all-reduce carries rank 0's values
+    assert w0.stop_now(1) is False and w0.stop_now(2) is True and w0.stop_now(3) is True
     assert reads == ["j", "j"], "rank 0 stops reading once it has seen the request"
-    assert w1.stop_now() is True and reads == ["j", "j"], "other ranks never read the store"
+    assert w1.stop_now(1) is True and reads == ["j", "j"], "other ranks never read the store"
+    assert all(v[1] >= 1 for v in agreed), "rank 0 proposes the next check, at least 1 step ahead"
     off = preempt.Watch(0, agree, job_id="")
     n = len(agreed)
-    assert off.stop_now() is False and len(agreed) == n, "no job id (raybig run): no poll, no collective"
+    assert off.stop_now(1) is False and len(agreed) == n, "no job id (raybig run): no poll, no collective"
+
+
+def test_short_steps_agree_every_few_steps_long_steps_every_step(monkeypatch):
+    """Rank 0 sizes the gap between agreements to about POLL_S of its step time; all ranks follow it."""
+    from raybig.train import preempt
+
+    monkeypatch.setattr(preempt, "requested", lambda jid: False)
+    monkeypatch.setattr(preempt, "POLL_S", 0.5)
+    clock = [0.0]
+    monkeypatch.setattr(preempt.time, "monotonic", lambda: clock[0])
+
+    def run(step_s: float, steps: int) -> list[int]:
+        """Steps at which the two ranks agreed (asserted to be the same steps on both)."""
+        sent: list[list[float]] = []
+        at0: list[int] = []
+        at1: list[int] = []
+        w0 = preempt.Watch(0, lambda v: sent.append(v) or v, job_id="j")
+        w1 = preempt.Watch(1, lambda v: sent[-1], job_id="j")  # the all-reduce hands rank 1 rank 0's values
+        for step in range(1, steps + 1):
+            clock[0] += step_s
+            n = len(sent)
+            w0.stop_now(step)
+            if len(sent) > n:
+                at0.append(step)
+            if step >= w1._next:
+                at1.append(step)
+            w1.stop_now(step)
+        assert at0 == at1
+        return at0
+
+    short = run(0.01, 300)  # 10 ms steps: ~50 steps per agreement
+    assert short[:2] == [1, 2] and all(b - a == 50 for a, b in zip(short[2:], short[3:], strict=False)), short
+    assert len(short) < 10
+    assert run(2.0, 5) == [1, 2, 3, 4, 5]  # 2 s steps: every step
+    fast = run(1e-5, 500)
+    assert all(b - a <= preempt.MAX_EVERY for a, b in zip(fast, fast[1:], strict=False))
 
 
 def test_malformed_preemption_setting_is_one_line_exit_2_before_any_cluster(tmp_path):
@@ -306,3 +343,14 @@ def test_stored_preemption_settings_override_the_environment_key_by_key(monkeypa
     assert service.cluster_preemption() == {"enabled": True, "min_gap": 3, "grace_s": 90.0}
     monkeypatch.setenv("RAYBIG_PREEMPTION", "off")
     assert service.cluster_preemption()["enabled"] is False
+
+
+def test_a_preempted_attempt_says_so_in_its_result_and_a_resumed_one_does_not():
+    from raybig.train.result import TrainResult
+
+    recs = [{"step": 2, "loss": 3.0}, {"step": 4, "loss": 2.5, "preempted_at_step": 4}]
+    stopped = TrainResult.from_history("r", "/tmp/r", recs)
+    assert stopped.preempted_at_step == 4 and stopped.to_json()["preempted_at_step"] == 4
+    assert "preempted_at_step" not in stopped.metrics
+    resumed = TrainResult.from_history("r", "/tmp/r", [*recs, {"step": 8, "loss": 2.0}])
+    assert resumed.preempted_at_step is None and "preempted_at_step" not in resumed.metrics

@@ -51,7 +51,7 @@ CARRIED = (
     "train.steps", "train.lr", "train.min_lr_ratio", "train.warmup_steps", "train.weight_decay",
     "train.betas", "train.grad_clip", "train.eval_every", "train.eval_batches", "train.log_every",
     "train.activation_checkpointing", "train.micro_batch_size", "train.grad_accum", "train.schedule_from",
-    "checkpoint", "sample", "priority", "max_retries", "seed", "storage", "init_from",
+    "checkpoint", "sample", "priority", "max_retries", "preemptible", "seed", "storage", "init_from",
     "resources.cpus_per_worker", "resources.memory_per_worker", "resources.custom",
     # Another worker count: the runner converts the ZeRO checkpoint (raybig.train.universal).
     "resources.workers", "resources.min_workers", "train.global_batch_size",

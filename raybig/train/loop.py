@@ -224,7 +224,7 @@ def train_worker(spec: TrainSpec, rep: Reporter, run_dir: str | None,
         step += 1
 
         done = step == t.steps
-        preempted = not done and watch.stop_now()
+        preempted = not done and watch.stop_now(step)
         metrics: dict[str, Any] = {}
         if step % t.log_every == 0 or done or preempted:
             if on_cuda:

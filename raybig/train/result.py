@@ -80,6 +80,8 @@ class TrainResult:
         sample: text generated from the export (`spec.sample`); None when not made.
         evaluation: the spec's `eval:` section's results at the end of training
             (`raybig.eval.run.EvalReport.to_json()`, or `{"error": ...}`); None when none ran.
+        preempted_at_step: the step this attempt checkpointed at and stopped because the scheduler
+            preempted it (it resumes from there when admitted again); None when it ran to the end.
     """
 
     name: str
@@ -96,6 +98,7 @@ class TrainResult:
     seconds_to_first_step: float | None = None
     sample: str | None = None
     evaluation: dict[str, Any] | None = None
+    preempted_at_step: int | None = None
 
     @classmethod
     def from_history(cls, name: str, run_dir: str, history: list[dict[str, Any]], **extra: Any) -> TrainResult:
@@ -104,6 +107,11 @@ class TrainResult:
         merged: dict[str, Any] = {}
         for h in history:
             merged.update(h)
+        # An earlier attempt's preemption stays in its own step's record, not in the run's metrics.
+        last = history[-1] if history else {}
+        merged.pop("preempted_at_step", None)
+        if isinstance(last.get("preempted_at_step"), int) and "preempted_at_step" not in extra:
+            extra["preempted_at_step"] = last["preempted_at_step"]
         vals = [v for h in history if (v := _finite(h.get("val_loss"))) is not None]
         return cls(name=name, run_dir=run_dir, steps=int(merged.get("step", 0)), metrics=merged,
                    history=history, val_loss_first=vals[0] if vals else None,

@@ -329,12 +329,16 @@ def run_train(spec: TrainSpec, address: str | None = None, resume_from: str | No
         tracking.fail()
         raise TrainingFailed(_explain_failure(spec, result.error)) from result.error
     export = export_of(run_dir)
-    tracking.finish(export)  # the export as artifacts; status FINISHED
     res = TrainResult.from_history(
         spec.name, run_dir, history, checkpoint=result.checkpoint.path if result.checkpoint else None,
         export_dir=export, resumed_from_step=plan.resume_step if plan.resume_step is not None else first_step,
         seconds_to_first_step=round(first_step_t[0], 1) if first_step_t else None)
-    if sample and export and spec.sample.max_new_tokens > 0 and spec.task == "causal_lm":
+    if res.preempted_at_step is not None:
+        tracking.fail("KILLED")  # preempted: checkpointed, not finished; the next attempt resumes it
+    else:
+        tracking.finish(export)  # the export as artifacts; status FINISHED
+    if sample and export and res.preempted_at_step is None and spec.sample.max_new_tokens > 0 \
+            and spec.task == "causal_lm":
         res.sample = sample_text(export, spec)
     res.seconds = round(time.time() - t0, 1)
     from raybig.train.result import write_result
