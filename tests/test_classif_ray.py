@@ -5,6 +5,7 @@ metrics.jsonl; a tiny BERT-shaped masked LM lowers its validation loss."""
 from __future__ import annotations
 
 import json
+import math
 import pathlib
 
 import pytest
@@ -54,3 +55,9 @@ def test_tiny_masked_lm_two_workers_lowers_its_loss(ray_local, tmp_path):
     assert res.steps == 40 and len(val) >= 2 and val[-1] < val[0] - 0.5, val
     assert all(0.0 <= r["masked_accuracy"] <= 1.0 for r in trained)
     assert trained[-1]["masked_accuracy"] > trained[0]["masked_accuracy"], trained
+    # `raybig eval`: the export on the same masked validation batches gives the run's last val_loss.
+    from raybig.eval.run import evaluate_run
+
+    ev = evaluate_run(spec, res.run_dir).masked_lm
+    assert ev is not None and ev["val_loss"] == pytest.approx(val[-1], rel=1e-4), (ev, val)
+    assert ev["perplexity"] == pytest.approx(math.exp(val[-1]), rel=1e-4) and 0 < ev["masked_accuracy"] < 1

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import pathlib
 import random
 
 import numpy as np
@@ -200,6 +201,8 @@ def test_task_and_head_mismatches_are_spec_errors(tiny_models, tiny_bert, tmp_pa
         ("kind: train\nname: m\nmasked_lm: {probability: 0.2}\n", "masked_lm", 3, "applies to task: masked_lm"),
         (f"kind: train\nname: m\ntask: masked_lm\nmodel: {{hf: {tiny_bert}}}\n"
          "data: {packed: true}\n", "data", 5, "plain text"),
+        (f"kind: train\nname: m\ntask: masked_lm\nmodel: {{hf: {tiny_bert}}}\n"
+         "finetune: {method: lora}\n", "finetune.method", 5, "trains in full"),
     ]
     for text, path, line, msg in cases:
         issue = _issue(text)
@@ -242,6 +245,32 @@ def test_hf_sequence_classifier_learns_text_labels(tiny_bert, tmp_path):
     xv, yv = bs.val_batch(0)
     b.loss(b.model, xv, yv)
     assert b.metrics["accuracy"] >= 0.9
+
+
+def test_eval_of_a_hf_sequence_classifier_export_scores_the_runs_text_split(tiny_bert, tmp_path):
+    """`raybig eval`'s classifier path on a transformers export: the run's own text split and tokenizer."""
+    import shutil
+
+    from raybig.eval.run import run_classification
+    from raybig.train.build import build
+    from raybig.train.classifiers import split_for_spec
+
+    data = _sentiment(tmp_path / "s.jsonl")
+    spec = load_spec_text(f"kind: train\nname: sc\ntask: classification\nmodel: {{hf: {tiny_bert}}}\n"
+                          f"data: {{path: {data}, text_field: text, seq_len: 16, tokenizer: model}}\n")
+    b = build(spec, None)
+    export = tmp_path / "run" / "export"
+    b.model.save_pretrained(export)
+    for f in pathlib.Path(tiny_bert).glob("tokenizer*"):
+        shutil.copy(f, export)
+    split = split_for_spec(spec)
+    b.model.eval()
+    with torch.no_grad():  # the same model scored directly, padding masked as in training
+        x, y = torch.from_numpy(split.x_val), torch.from_numpy(split.y_val)
+        b.loss(b.model, x, y, validation=True)
+        want = b.metrics["accuracy"]
+    got = run_classification(spec, str(export))
+    assert got["examples"] == len(split.y_val) > 0 and got["val_accuracy"] == pytest.approx(want, abs=1e-6)
 
 
 # --------------------------------------------------------------------------- distillation

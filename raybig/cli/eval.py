@@ -94,6 +94,14 @@ def eval_cmd(target: str, tasks: tuple[str, ...], no_perplexity: bool, batches: 
         what = f"validation ({c['examples']} examples)"
         table.add_row(what, "accuracy", _fmt(c["val_accuracy"]))
         table.add_row("", "loss", _fmt(c["val_loss"]))
+    if rep.masked_lm:
+        m = rep.masked_lm
+        what = f"masked validation ({m['batches']} batches, {m['tokens']:,} masked tokens)"
+        table.add_row(what, "masked-LM perplexity", _fmt(m["perplexity"]))
+        table.add_row("", "masked accuracy", _fmt(m["masked_accuracy"]))
+        table.add_row("", "loss", _fmt(m["val_loss"]))
+        if rep.val_loss is not None:
+            table.add_row("", "run's val_loss", _fmt(rep.val_loss))
     for task, metrics in (rep.harness or {}).items():
         what = f"{task} ({rep.harness_samples.get(task, '?')} docs)"
         for k, v in sorted(metrics.items()):

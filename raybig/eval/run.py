@@ -39,6 +39,8 @@ class EvalReport:
             perplexity, bits_per_byte) plus `batches` (windows evaluated) and `tokens_per_s`; else None.
         val_loss: the run's last recorded `val_loss` (nats/token), for comparison; None if none.
         classification: classifier only: `examples`, `val_loss`, `val_accuracy`; else None.
+        masked_lm: masked LM only: `run_masked_lm`'s `val_loss`, `perplexity`, `masked_accuracy`,
+            `tokens`, `batches`; else None.
         harness: lm-eval: task -> metric -> value; None when no tasks ran.
         harness_samples: lm-eval: task -> documents evaluated.
         seconds: wall time of the whole evaluation (s).
@@ -51,6 +53,7 @@ class EvalReport:
     perplexity: dict[str, Any] | None = None
     val_loss: float | None = None
     classification: dict[str, Any] | None = None
+    masked_lm: dict[str, Any] | None = None
     harness: dict[str, dict[str, float]] | None = None
     harness_samples: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
@@ -68,6 +71,10 @@ class EvalReport:
                 out[f"eval/{k}"] = float(v)
         for k in ("val_loss", "val_accuracy"):
             v = (self.classification or {}).get(k)
+            if isinstance(v, int | float) and math.isfinite(v):
+                out[f"eval/{k}"] = float(v)
+        for k in ("val_loss", "perplexity", "masked_accuracy"):
+            v = (self.masked_lm or {}).get(k)
             if isinstance(v, int | float) and math.isfinite(v):
                 out[f"eval/{k}"] = float(v)
         for task, metrics in (self.harness or {}).items():
@@ -140,30 +147,83 @@ def val_windows(spec: TrainSpec, run_dir: str, tokenizer: Any, batches: int | No
     import torch
 
     n = batches or spec.train.eval_batches
-    workers = spec.resources.workers
     out: list[Window] = []
-    try:
-        from raybig.data.prepare import prepare_spec, prepared_root
-        from raybig.data.shards import ShardBatches
-    except ImportError:  # the text pipeline before prepared shards
-        from raybig.data.text import Batches
-
-        for rank in range(workers):
-            b = Batches.build(spec.data, spec.train.micro_batch_size, spec.seed, rank, workers, tokenizer=tokenizer)
-            out += [(*b.val_batch(i), None, None) for i in range(n)]
-        return out
-    tok = tokenizer if getattr(tokenizer, "name", "bytes") != "bytes" else None  # as the driver prepares it
-    uri = prepare_spec(spec.data, prepared_root(spec.data, spec.storage.path), tok, use_ray=False).uri
     packed = spec.data.is_packed()
-    for rank in range(workers):
-        sb = ShardBatches(uri, spec.data.seq_len, spec.train.micro_batch_size, spec.seed, rank, workers,
-                          packed=packed)
+    for sb in val_streams(spec, tokenizer):
         for i in range(n):
             bt = sb.get_val(i)
             x, y = torch.from_numpy(bt.x), torch.from_numpy(bt.y)
             pos, docs = (torch.from_numpy(bt.positions), torch.from_numpy(bt.doc_ids)) if packed else (None, None)
             out.append((x, y, pos, docs))
     return out
+
+
+def val_streams(spec: TrainSpec, tokenizer: Any) -> list[Any]:
+    """Every rank's `ShardBatches` over the run's prepared token shards, in rank order (prepared here if gone)."""
+    from raybig.data.prepare import prepare_spec, prepared_root
+    from raybig.data.shards import ShardBatches
+
+    tok = tokenizer if getattr(tokenizer, "name", "bytes") != "bytes" else None  # as the driver prepares it
+    uri = prepare_spec(spec.data, prepared_root(spec.data, spec.storage.path), tok, use_ray=False).uri
+    workers = spec.resources.workers
+    return [ShardBatches(uri, spec.data.seq_len, spec.train.micro_batch_size, spec.seed, rank, workers,
+                         packed=spec.data.is_packed()) for rank in range(workers)]
+
+
+def run_masked_lm(spec: TrainSpec, run_dir: str, export_dir: str, *, batches: int | None = None,
+                  device: str = "cpu") -> dict[str, Any]:
+    """Masked-LM loss, perplexity and accuracy of an encoder export on the run's validation batches.
+
+    The batches and their masks are exactly those `val_loss` used in training
+    (`raybig.train.tasks.MaskedBatches.val_batch`: BERT masking keyed on seed, rank and batch), so
+    `val_loss` here equals the run's last `val_loss` for the final weights. Perplexity is
+    exp(mean cross-entropy over the chosen tokens), the masked-LM perplexity of Liu et al. 2019
+    (RoBERTa, table 3), not a causal LM's.
+
+    Returns:
+        {"val_loss": the mean over batches of each batch's mean cross-entropy over its chosen tokens
+        (nats; as `val_loss`), "perplexity": exp(val_loss), "masked_accuracy": fraction of chosen
+        tokens predicted, "tokens": chosen tokens scored, "batches": micro batches}.
+
+    Raises:
+        EvalFailed: the export does not load as a masked LM.
+    """
+    import math
+
+    import torch
+    import transformers
+
+    from raybig.train.build import masked_lm_task, run_tokenizer
+    from raybig.train.hf import resolve_model_source
+    from raybig.train.tasks import MaskedBatches, PremaskedLM
+
+    tokenizer = run_tokenizer(spec, run_dir)
+    try:
+        model = transformers.AutoModelForMaskedLM.from_pretrained(
+            resolve_model_source(export_dir), dtype=torch.float32, local_files_only=True, use_safetensors=True)
+    except (ValueError, OSError) as e:
+        raise EvalFailed(f"{export_dir}: cannot load it as a masked LM: {e}") from None
+    model = model.to(device).eval()
+    masker = masked_lm_task(spec, tokenizer.vocab_size)
+    task = PremaskedLM()
+    n = batches or spec.train.eval_batches
+    total, count, correct, seen = 0.0, 0, 0, 0
+    with torch.no_grad():
+        for rank, sb in enumerate(val_streams(spec, tokenizer)):
+            mb = MaskedBatches(sb, masker, spec.seed, rank)
+            for i in range(n):
+                x, y = mb.val_batch(i)
+                inputs, labels = task.prepare((x.to(device), y.to(device)))
+                logits = task.logits(model, inputs)
+                loss, m = task.score(logits, labels)
+                k = int((labels != -100).sum())
+                total += float(loss)  # per-batch means, averaged as `loop.evaluate` does
+                count += k
+                correct += round(m["masked_accuracy"] * k)
+                seen += 1
+    mean = total / max(seen, 1)
+    return {"val_loss": mean, "perplexity": math.exp(mean), "masked_accuracy": correct / max(count, 1),
+            "tokens": count, "batches": seen}
 
 
 def _byte_count(y: Any, tokenizer: Any) -> int:
@@ -214,16 +274,41 @@ def run_perplexity(spec: TrainSpec, run_dir: str, export_dir: str, *, batches: i
 
 
 def run_classification(spec: TrainSpec, export_dir: str, device: str = "cpu") -> dict[str, Any]:
-    """Loss and accuracy of a classifier export over its whole validation split."""
+    """Loss and accuracy of a classifier export over its whole validation split.
+
+    The split is the run's own (`raybig.train.classifiers.split_for_spec`: the same arrays, or for a
+    Hugging Face sequence classifier the same text+label records, tokenizer and seeded split). A
+    built-in classifier's export loads as raybig's module; any other as transformers'
+    `AutoModelForSequenceClassification`, with padding masked out as in training.
+
+    Returns:
+        {"examples": N, "val_loss": mean cross-entropy (nats), "val_accuracy": fraction in [0, 1]}.
+
+    Raises:
+        EvalFailed: the export does not load as a classifier.
+    """
     import torch
 
-    from raybig.train.classifiers import load_arrays
-    from raybig.train.export import load_model
+    from raybig.train.classifiers import pad_id_of, split_for_spec
+    from raybig.train.export import export_format, load_model, read_config
     from raybig.train.tasks import Classification
 
-    c = spec.classifier
-    split = load_arrays(c.dataset, c.val_fraction, spec.seed, c.num_classes) if c else load_arrays(seed=spec.seed)
-    model, _ = load_model(export_dir)
+    split = split_for_spec(spec)
+    pad_id: int | None = None
+    if export_format(read_config(export_dir)) == "hf" and spec.model.is_hf:
+        import transformers
+
+        from raybig.train.build import run_tokenizer
+        from raybig.train.hf import resolve_model_source
+
+        try:
+            model = transformers.AutoModelForSequenceClassification.from_pretrained(
+                resolve_model_source(export_dir), dtype=torch.float32, local_files_only=True, use_safetensors=True)
+        except (ValueError, OSError) as e:
+            raise EvalFailed(f"{export_dir}: cannot load it as a sequence classifier: {e}") from None
+        pad_id = pad_id_of(run_tokenizer(spec, None))
+    else:
+        model, _ = load_model(export_dir)
     model = model.to(device).eval()
     task = Classification(split.num_classes)
     loss_sum, correct = 0.0, 0
@@ -231,7 +316,9 @@ def run_classification(spec: TrainSpec, export_dir: str, device: str = "cpu") ->
         for i in range(0, len(split.y_val), 256):
             x = torch.from_numpy(split.x_val[i:i + 256]).to(device)
             y = torch.from_numpy(split.y_val[i:i + 256]).to(device)
-            inputs, labels = task.prepare((x, y))
+            batch: Any = (x, y) if pad_id is None else {"input_ids": x, "attention_mask": (x != pad_id).long(),
+                                                         "labels": y}
+            inputs, labels = task.prepare(batch)
             logits = task.logits(model, inputs)
             loss, _ = task.score(logits, labels)
             loss_sum += float(loss) * len(y)
@@ -281,6 +368,8 @@ def evaluate_run(spec: TrainSpec, run_dir: str, *, tasks: list[str] | None = Non
     report = EvalReport(name=spec.name, run_dir=run_dir, export_dir=export, step=step, val_loss=val_loss)
     if perplexity and spec.task == "classification":
         report.classification = run_classification(spec, export, device)
+    elif perplexity and spec.task == "masked_lm":
+        report.masked_lm = run_masked_lm(spec, run_dir, export, batches=batches, device=device)
     elif perplexity:
         report.perplexity = run_perplexity(spec, run_dir, export, batches=batches, device=device)
     if tasks:

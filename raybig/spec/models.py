@@ -912,6 +912,8 @@ class TrainSpec(QueuedSpec):
         if self.task == "masked_lm" and not self.model.is_hf:
             raise at("model", "task: masked_lm trains a Hugging Face encoder: give model.hf or "
                      "model.hf_config (e.g. a BERT config)")
+        if self.task == "masked_lm" and self.finetune.method != "full":
+            raise at("finetune.method", "LoRA applies to causal LMs; a masked-LM encoder trains in full")
         if self.task != "causal_lm" and self.model.is_hf and self.data.is_packed():
             raise at("data", f"task: {self.task} reads plain text (or text+label); drop the instruction "
                      "fields (prompt_template, response_field, messages_field)")

@@ -338,7 +338,8 @@ def eval_metric_names(base: TrainSpec) -> list[str]:
     """The `eval.` results the base spec's `eval:` section yields at the end of training (none without one).
 
     Perplexity of a causal LM: eval.mean_nll, eval.perplexity, eval.bits_per_byte; of a classifier:
-    eval.val_loss, eval.val_accuracy (whole validation split). Each lm-eval task: eval.<task>.<metric>
+    eval.val_loss, eval.val_accuracy (whole validation split); of a masked LM: eval.val_loss,
+    eval.perplexity, eval.masked_accuracy (the run's masked validation batches). Each lm-eval task: eval.<task>.<metric>
     and eval.<task>.<metric>_stderr for every metric of its `metric_list`.
     """
     e = base.eval
@@ -346,8 +347,9 @@ def eval_metric_names(base: TrainSpec) -> list[str]:
         return []
     out: list[str] = []
     if e.perplexity:
-        keys = ("val_loss", "val_accuracy") if base.task == "classification" else ("mean_nll", "perplexity",
-                                                                                 "bits_per_byte")
+        keys = {"classification": ("val_loss", "val_accuracy"),
+                "masked_lm": ("val_loss", "perplexity", "masked_accuracy")}.get(
+            base.task, ("mean_nll", "perplexity", "bits_per_byte"))
         out += [EVAL_PREFIX + k for k in keys]
     if e.tasks:
         from raybig.spec.eval_tasks import load_task_config
