@@ -116,7 +116,7 @@ def test_classifier_export_serves_predictions_batched_with_4xx_errors(ray_local,
     try:
         for name, ckpt in apps.items():
             deploy(load_spec_text(f"kind: serve\nname: {name}\ncheckpoint: {ckpt}\nroute_prefix: /{name}\n"
-                                  "resources: {num_cpus: 0.25}\n"
+                                  "resources: {num_cpus: 0.25}\nmax_inputs: 100\n"
                                   "batching: {mode: static, max_num_seqs: 8, batch_wait_timeout_s: 0.2}\n"), dash)
         base = wait_running("t-digits", dash, timeout_s=180)["url"]
         lm = wait_running("t-lm", dash, timeout_s=180)["url"]
@@ -155,7 +155,7 @@ def test_classifier_export_serves_predictions_batched_with_4xx_errors(ray_local,
         # Bad input: OpenAI-shaped 4xx, never 500.
         cases = [({"inputs": [[0.0] * 63]}, 400, "shape 63"), ({"inputs": [["x"] * 64]}, 400, "strings"),
                  ({"inputs": []}, 400, "non-empty"), ({"prompt": "hi"}, 400, "inputs"),
-                 ({"inputs": [[0.0] * 64] * 257}, 400, "at most 256"),
+                 ({"inputs": [[0.0] * 64] * 101}, 400, "at most 100"),  # the spec's max_inputs
                  ({"model": "nope", "inputs": [[0.0] * 64]}, 404, "does not exist")]
         for payload, status, words in cases:
             rr = requests.post(f"{base}/predict", json=payload, timeout=60)

@@ -102,7 +102,8 @@ def app_args(spec: ServeSpec, checkpoint: str | None = None) -> dict[str, Any]:
             "generation": spec.generation.model_dump(), "max_num_seqs": spec.batching.batch_size,
             "batching_mode": spec.batching.mode, "max_prefill_tokens": spec.batching.max_prefill_tokens,
             "batch_wait_timeout_s": spec.batching.batch_wait_timeout_s if spec.batching.enabled else 0.0,
-            "torch_threads": threads, "api_key_sha256": digest, "deployment": deployment_options(spec)}
+            "torch_threads": threads, "api_key_sha256": digest, "deployment": deployment_options(spec),
+            "max_inputs": spec.max_inputs}
 
 
 def export_task(export_dir: str) -> str:

@@ -150,6 +150,8 @@ class ServeSpec(Strict):
     route_prefix: str = Field("/", description="URL prefix of this app; the API lives at <prefix>/v1.")
     api_key_env: str | None = Field(None, description="Name of the environment variable holding the API key "
                                     "(the key itself never goes in the spec).")
+    max_inputs: int = Field(256, ge=1, le=100_000, description="A classifier export: most examples per "
+                            "POST /v1/predict request (more is a 400; the body limit follows from it).")
 
     @field_validator("route_prefix")
     @classmethod

@@ -164,8 +164,10 @@ def build_trainer(spec: TrainSpec, queue: Any = None, resume_from: str | None = 
     spath, sfs = storage.ray_storage(storage_path or spec.storage.path)
     run_name = name or spec.name
     run_dir = storage.join(storage_path or spec.storage.path, run_name)
-    # A classifier reads its labelled arrays in the workers (raybig.train.classifiers): no token shards.
-    prepared = prepare_data(spec, run_dir, storage_path, on_note) if spec.task == "causal_lm" else None
+    # Token shards for language models; a classifier reads its labelled arrays in the workers
+    # (raybig.train.classifiers), a custom task its plug-in dataset.
+    lm = spec.task in ("causal_lm", "masked_lm")
+    prepared = prepare_data(spec, run_dir, storage_path, on_note) if lm else None
     return TorchTrainer(
         _worker_entry,
         train_loop_config={"spec": spec, "queue": queue, "resume_from": resume_from,
