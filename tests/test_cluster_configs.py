@@ -97,8 +97,9 @@ def test_rayjob_runs_a_valid_raybig_spec():
 
 
 def test_rayservice_serves_raybigs_app():
-    from raybig.serve.app import DEPLOYMENT, AppArgs
+    from raybig.serve.app import DEPLOYMENT
     from raybig.serve.deploy import IMPORT_PATH
+    from raybig.serve.http import AppArgs
 
     (rs,) = _docs("rayservice.yaml")
     assert (rs["apiVersion"], rs["kind"]) == ("ray.io/v1", "RayService")

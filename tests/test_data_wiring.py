@@ -233,7 +233,7 @@ def test_instruction_batches_take_the_loss_on_response_tokens_only(tmp_path):
 
 
 def test_built_loss_passes_packing_to_each_model_kind():
-    from raybig.train.build import Built
+    from raybig.train.built import Built
 
     calls = []
 

@@ -22,7 +22,8 @@ def fake_run(tmp_path, tokenizer: str = "bytes", eval_section: str = ""):
     what the training loop itself computes: `raybig.train.loop.evaluate` on each rank's `ShardBatches`
     of the data the driver prepared (`runner.prepare_data`), then the mean over ranks."""
     from raybig.data.shards import ShardBatches
-    from raybig.train.build import build, gpt_config, run_tokenizer
+    from raybig.train.build import build
+    from raybig.train.built import gpt_config, run_tokenizer
     from raybig.train.export import write_export
     from raybig.train.loop import evaluate
     from raybig.train.runner import prepare_data
@@ -139,7 +140,8 @@ def test_eval_hugging_face_run(tmp_path, tiny_models):
     batches equals exp of the loop's val_loss; bits per byte counts the scored tokens' bytes."""
     from raybig.data.shards import ShardBatches
     from raybig.eval.run import evaluate_run
-    from raybig.train.build import build, run_tokenizer
+    from raybig.train.build import build
+    from raybig.train.built import run_tokenizer
     from raybig.train.export_hf import save_hf_export
     from raybig.train.loop import evaluate
     from raybig.train.runner import prepare_data

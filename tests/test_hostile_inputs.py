@@ -440,7 +440,7 @@ raw_body = st.one_of(
 
 def check_in_process(raw: bytes) -> int:
     """parse_request -> build_job, as the ingress runs them; errors rendered as it renders them."""
-    from raybig.serve.app import error_response
+    from raybig.serve.http import error_response
     from raybig.serve.schema import ApiError, build_job, parse_request
 
     try:

@@ -260,7 +260,8 @@ def replica(tmp_path, monkeypatch, gpt):
 
     import ray.serve
 
-    from raybig.serve.app import AppArgs, Completions
+    from raybig.serve.app import Completions
+    from raybig.serve.http import AppArgs
     from raybig.train.export import write_export
 
     write_export(str(tmp_path / "run"), gpt.state_dict(), gpt.config.to_dict(), tied=GPT.tied_keys)

@@ -53,8 +53,8 @@ def probe(c, name: str, seconds: float = 1, fail: int = 0, retries: int = 0) -> 
     return str(p)
 
 
-def submit(c, spec: str, *extra: str) -> str:
-    r = cli(c, "submit", spec, *extra)
+def submit(c, spec: str, *extra: str, env: dict[str, str] | None = None) -> str:
+    r = cli(c, "submit", spec, *extra, env=env)
     assert r.returncode == 0, r.stderr[-2000:]
     return r.stdout.strip().splitlines()[-1]
 
@@ -214,6 +214,66 @@ def test_stop_queued_and_running_jobs_frees_resources(cl):
     job = fast_submit(cl, probe(cl, "followed", seconds=0.5))
     f = cli(cl, "logs", job, "--follow")
     assert f.returncode == 0 and "probe holds 2 bundle(s)" in f.stdout, f.stdout[-2000:]
+
+
+def test_a_planted_secret_never_reaches_rays_job_info(cl, tmp_path):
+    """A secret-looking ${VAR} travels as ${VAR}: Ray's own record of the job (entrypoint, runtime_env,
+    metadata, as `ray job list` and the dashboard show it) never holds its value."""
+    from raybig.cluster.jobs import call, connect
+
+    secret = "s3cr3t-planted-9f2c"
+    spec = tmp_path / "secret.yaml"
+    spec.write_text((ROOT / "jobs" / "debug.yaml").read_text().replace(
+        "sample: {max_new_tokens: 20}", "sample: {max_new_tokens: 20, prompt: '${HUB_TOKEN}'}")
+        .replace("storage: {path: ./runs}", f"storage: {{path: {tmp_path}/runs}}"))
+    job = submit(cl, str(spec), "--priority", "-5", env={"HUB_TOKEN": secret})
+    try:
+        client, url = connect(cl.address)
+        info = call(url, client.get_job_info, job)
+        seen = json.dumps({"entrypoint": info.entrypoint, "runtime_env": info.runtime_env,
+                           "metadata": info.metadata}, default=str)
+        assert "HUB_TOKEN" in seen and secret not in seen, seen[:2000]
+        listed = cli(cl, "list", "--all", "--json")
+        assert listed.returncode == 0 and secret not in listed.stdout
+    finally:
+        cli(cl, "stop", job)
+
+
+def test_a_sweep_waits_until_all_its_concurrent_trial_gangs_fit(cl, tmp_path):
+    """A sweep's demand is its driver plus max_concurrent_trials trial gangs: with room for one trial
+    but not two it stays QUEUED (its trials never wait inside Ray); once both fit it is admitted."""
+    bp = cl.tmp / "half.yaml"  # a 1-worker, 0.5-CPU probe: 1 CPU held with its driver, 2 of 3 free
+    bp.write_text(PROBE.format(name="half", seconds=600, fail=0, retries=0).replace("cpus_per_worker: 1",
+                                                                                    "cpus_per_worker: 0.5")
+                  .replace("workers: 2", "workers: 1"))
+    blocker = submit(cl, str(bp))
+    wait_for(lambda: started_at(cl, blocker), 60, what="blocker RUNNING")
+    sweep = tmp_path / "sweep.yaml"
+    # Each trial: 1 worker x 1 CPU + its 0.01-CPU trainable; the sweep: 2 of them + a 0.5-CPU driver
+    # = 2.52 CPU. One trial (1.51 CPU) would fit the 2 free CPUs; two do not.
+    base = tmp_path / "base.yaml"
+    base.write_text((ROOT / "jobs" / "debug.yaml").read_text().replace("workers: 2", "workers: 1"))
+    sweep.write_text(f"kind: sweep\nname: two-trials\nbase: {base}\n"
+                     "search: {train.lr: {choice: [0.001, 0.002]}}\nalgorithm: grid\nnum_samples: 2\n"
+                     "max_concurrent_trials: 2\nscheduler: none\n"
+                     f"storage: {{path: {tmp_path}/runs}}\n")
+    sid = fast_submit(cl, str(sweep))
+
+    def queued_reason():
+        from raybig.scheduler import client
+
+        v = client.get_view(sid, cl.address)
+        return v if v.state == "QUEUED" and v.reason and "CPU" in v.reason else None
+
+    v = wait_for(queued_reason, 60, what="the sweep's queue reason")
+    assert v.reason.startswith("waiting for 2.52 CPU"), v.reason
+    time.sleep(2)  # several scheduler ticks: still not admitted with room for only one trial
+    assert not started_at(cl, sid)
+    assert cli(cl, "stop", blocker).returncode == 0
+    wait_for(lambda: started_at(cl, sid), 60, what="the sweep admitted once two trial gangs fit")
+    r = cli(cl, "stop", sid)
+    assert r.returncode == 0, r.stderr
+    assert wait_done(cl, sid, 120) == "STOPPED"
 
 
 def test_scheduler_restart_loses_nothing_and_runs_each_once(cl):

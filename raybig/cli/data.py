@@ -9,7 +9,7 @@ from typing import Any
 import click
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from raybig.cli import _load, console, main, out, set_option
+from raybig.cli.app import _load, console, main, out, set_option
 from raybig.errors import UsageError
 
 

@@ -8,7 +8,7 @@ import os
 import click
 from rich.table import Table
 
-from raybig.cli import _load, console, main, out, set_option
+from raybig.cli.app import _load, console, main, out, set_option
 from raybig.errors import UsageError
 
 

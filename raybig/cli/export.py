@@ -6,7 +6,7 @@ import json
 
 import click
 
-from raybig.cli import main, out
+from raybig.cli.app import main, out
 
 
 @main.command("export")

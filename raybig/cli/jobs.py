@@ -16,7 +16,7 @@ from typing import Any
 import click
 from rich.markup import escape
 
-from raybig.cli import _load, console, main, out, set_option
+from raybig.cli.app import _load, console, main, out, set_option
 from raybig.errors import EXIT_FAILED, ClusterError, RaybigError, first_line
 from raybig.scheduler.policy import JobState
 from raybig.spec.serve import ServeSpec

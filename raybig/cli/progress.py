@@ -126,3 +126,26 @@ def print_whole(console: Console, table: Any) -> None:
     wide = Console(file=console.file, width=width, highlight=False, no_color=console.no_color,
                    force_terminal=console.is_terminal or None)
     wide.print(table)
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def print_report(report: dict[str, Any], console: Console | None = None) -> None:
+    """A sweep report (`raybig.tune.report.write_report`) as a table, the winner and the curves' path."""
+    con = console or Console(highlight=False, soft_wrap=True)
+    recs = report["trials"]
+    keys = list(recs[0]["params"]) if recs else []
+    headers = ["#", "trial", *keys, "state", "steps", f"{report['metric']} (last)", "best"]
+    rows = [[str(i), r["trial"], *[_fmt(r["params"].get(k, "")) for k in keys], r["state"], str(r["steps"]),
+             _fmt(r["metric"]) if r["metric"] is not None else "-", _fmt(r["best"]) if r["best"] is not None else "-"]
+            for i, r in enumerate(recs, 1)]
+    print_whole(con, whole_table(headers, rows, f"sweep {report['sweep']}: {len(recs)} trials, "
+                                                f"{report['total_steps']} steps in all"))
+    b = report.get("best")
+    if b:
+        con.print(f"best: {b['trial']} {report['metric']}={b['metric']:.4f}  checkpoint {b['checkpoint']}",
+                  soft_wrap=True, markup=False)
+        con.print(f"winner spec: {b['spec']}  (raybig run {b['spec']})", soft_wrap=True, markup=False)
+    con.print(f"curves: {report.get('curves')}", soft_wrap=True, markup=False)

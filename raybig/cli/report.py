@@ -7,7 +7,7 @@ import os
 
 import click
 
-from raybig.cli import main, out
+from raybig.cli.app import main, out
 from raybig.errors import UsageError
 
 

@@ -193,7 +193,8 @@ def run_masked_lm(spec: TrainSpec, run_dir: str, export_dir: str, *, batches: in
     import torch
     import transformers
 
-    from raybig.train.build import masked_lm_task, run_tokenizer
+    from raybig.train.build import masked_lm_task
+    from raybig.train.built import run_tokenizer
     from raybig.train.hf import resolve_model_source
     from raybig.train.tasks import MaskedBatches, PremaskedLM
 
@@ -247,7 +248,7 @@ def run_perplexity(spec: TrainSpec, run_dir: str, export_dir: str, *, batches: i
     import torch
 
     from raybig.eval.perplexity import IGNORE_INDEX, PerplexityResult, token_nll
-    from raybig.train.build import run_tokenizer
+    from raybig.train.built import run_tokenizer
 
     tokenizer = run_tokenizer(spec, run_dir)
     model = _load_lm(export_dir, spec, device)
@@ -298,7 +299,7 @@ def run_classification(spec: TrainSpec, export_dir: str, device: str = "cpu") ->
     if export_format(read_config(export_dir)) == "hf" and spec.model.is_hf:
         import transformers
 
-        from raybig.train.build import run_tokenizer
+        from raybig.train.built import run_tokenizer
         from raybig.train.hf import resolve_model_source
 
         try:

@@ -25,7 +25,7 @@ from fastapi.responses import JSONResponse
 from ray import serve
 
 from raybig.metrics import RequestTimer, serve_batch
-from raybig.serve.app import (
+from raybig.serve.http import (
     AppArgs,
     check_api_key,
     error_response,
@@ -60,7 +60,7 @@ class Classifier:
     """One replica: a classifier export, its prediction route, and the batch handler.
 
     Args:
-        args: `raybig.serve.app.AppArgs` as a dict (`task: classification`).
+        args: `raybig.serve.http.AppArgs` as a dict (`task: classification`).
     """
 
     def __init__(self, args: dict[str, Any]):

@@ -12,7 +12,8 @@ from typing import Any
 
 from raybig.cluster.connect import auth_headers, resolve_address, translate
 from raybig.errors import ServeError
-from raybig.serve.app import DEPLOYMENT, api_key_digest
+from raybig.serve.app import DEPLOYMENT
+from raybig.serve.http import api_key_digest
 from raybig.spec.serve import ServeSpec
 from raybig.train.export import resolve_export
 

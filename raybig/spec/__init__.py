@@ -101,7 +101,7 @@ def validate_data(loaded: Loaded) -> JobSpec:
     try:
         # context: kinds that reference other files (a sweep's base) resolve them beside this one.
         return ADAPTER.validate_python({**data, "kind": kind},
-                                       context={"source": loaded.source, "loaded": loaded})
+                                       context={"source": loaded.source, "loaded": loaded, "load_spec": load_spec})
     except ValidationError as e:
         # loc starts with the union's tag (the kind); strip it so paths read as the user wrote them.
         issues = issues_from(e, KINDS[kind], loaded.line_of, loaded.source, strip=1)

@@ -118,7 +118,7 @@ def _student_rows(spec: Any) -> int | None:
     if not spec.model.is_hf:
         return int(spec.model_vocab()) if spec.model.target is None else None
     from raybig.spec import hf_params as hp
-    from raybig.spec.models import hf_model_info
+    from raybig.spec.hf_params import hf_model_info
 
     try:
         info = hf_model_info(spec.model.hf, spec.model.hf_config, spec.model.trust_remote_code)

@@ -631,3 +631,42 @@ DEFAULT_LORA_TARGETS: dict[str, tuple[str, ...]] = {
     "mistral": ("q_proj", "v_proj"), "qwen2": ("q_proj", "v_proj"), "qwen3": ("q_proj", "v_proj"),
 }
 """LoRA `target_modules` when the spec names none (peft's own defaults for these families)."""
+
+
+def hf_model_info(hf: str | None, hf_config: str | dict[str, Any] | None,
+                  trust_remote_code: bool) -> dict[str, Any]:
+    """What validation needs of a Hugging Face source, read without torch and cached per process.
+
+    Returns:
+        {"folder": local folder or URI (None for an inline config), "config": config dict,
+         "shapes": {parameter name: shape} from safetensors headers (or the config for hf_config)}.
+
+    Raises:
+        raybig.spec.hf_params.ModelSourceError subclasses (one line each).
+    """
+    key = json.dumps(hf_config, sort_keys=True) if isinstance(hf_config, dict) else hf_config
+    return dict(_hf_info(hf, key, trust_remote_code, _stamp(hf or (hf_config if isinstance(hf_config, str)
+                                                                    else None))))
+
+
+def _stamp(path: str | None) -> float:
+    # config.json's mtime: a folder rewritten in place (tests, make_tiny_hf) is read afresh.
+    if path is None or "://" in path:
+        return 0.0
+    for p in (os.path.join(path, "config.json"), path):
+        if os.path.exists(p):
+            return os.path.getmtime(p)
+    return 0.0
+
+
+@functools.lru_cache(maxsize=32)
+def _hf_info(hf: str | None, hf_config: str | None, trust_remote_code: bool, stamp: float) -> dict[str, Any]:
+    if hf is not None:
+        folder = locate_source(hf)
+        info = inspect_folder(folder, trust_remote_code)
+        return {"folder": folder, "config": info.config, "shapes": weight_shapes(info)}
+    assert hf_config is not None
+    inline = hf_config.startswith("{")
+    cfg = config_of(json.loads(hf_config) if inline else hf_config, trust_remote_code)
+    where = None if inline else (hf_config if os.path.isdir(hf_config) else os.path.dirname(hf_config))
+    return {"folder": where, "config": cfg, "shapes": config_shapes(cfg)}

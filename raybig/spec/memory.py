@@ -91,7 +91,7 @@ def model_shapes(spec: TrainSpec) -> dict[str, tuple[int, ...]]:
     """
     m = spec.model
     if m.is_hf:
-        from raybig.spec.models import hf_model_info
+        from raybig.spec.hf_params import hf_model_info
 
         return dict(hf_model_info(m.hf, m.hf_config, m.trust_remote_code)["shapes"])
     if m.target is not None:

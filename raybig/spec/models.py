@@ -15,6 +15,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from raybig.spec.base import MAX_BYTES, NAME_RE, Bytes, Name, QueuedSpec, Strict, at
+from raybig.spec.hf_params import hf_model_info
 
 __all__ = ["MAX_BYTES", "NAME_RE", "PRESETS", "Bytes", "CheckpointSpec", "ClassifierSpec", "DataSpec",
            "DeepSpeedSpec", "EvalSpec", "MlflowSpec", "TrackingSpec",
@@ -1063,48 +1064,3 @@ class TrainSpec(QueuedSpec):
     def worker_bundle(self) -> dict[str, float]:
         """One worker's Ray resource request (CPU, GPU, memory in bytes, custom resources)."""
         return self.resources.bundle()
-
-
-def hf_model_info(hf: str | None, hf_config: str | dict[str, Any] | None,
-                  trust_remote_code: bool) -> dict[str, Any]:
-    """What validation needs of a Hugging Face source, read without torch and cached per process.
-
-    Returns:
-        {"folder": local folder or URI (None for an inline config), "config": config dict,
-         "shapes": {parameter name: shape} from safetensors headers (or the config for hf_config)}.
-
-    Raises:
-        raybig.spec.hf_params.ModelSourceError subclasses (one line each).
-    """
-    import json
-
-    key = json.dumps(hf_config, sort_keys=True) if isinstance(hf_config, dict) else hf_config
-    return dict(_hf_info(hf, key, trust_remote_code, _stamp(hf or (hf_config if isinstance(hf_config, str)
-                                                                    else None))))
-
-
-def _stamp(path: str | None) -> float:
-    # config.json's mtime: a folder rewritten in place (tests, make_tiny_hf) is read afresh.
-    if path is None or "://" in path:
-        return 0.0
-    for p in (os.path.join(path, "config.json"), path):
-        if os.path.exists(p):
-            return os.path.getmtime(p)
-    return 0.0
-
-
-@functools.lru_cache(maxsize=32)
-def _hf_info(hf: str | None, hf_config: str | None, trust_remote_code: bool, stamp: float) -> dict[str, Any]:
-    import json
-
-    from raybig.spec import hf_params as hp
-
-    if hf is not None:
-        folder = hp.locate_source(hf)
-        info = hp.inspect_folder(folder, trust_remote_code)
-        return {"folder": folder, "config": info.config, "shapes": hp.weight_shapes(info)}
-    assert hf_config is not None
-    inline = hf_config.startswith("{")
-    cfg = hp.config_of(json.loads(hf_config) if inline else hf_config, trust_remote_code)
-    where = None if inline else (hf_config if os.path.isdir(hf_config) else os.path.dirname(hf_config))
-    return {"folder": where, "config": cfg, "shapes": hp.config_shapes(cfg)}

@@ -16,8 +16,6 @@ def validate_summary(spec: JobSpec) -> dict[str, Any]:
         case TrainSpec():
             summary.update(train_memory_summary(spec))
         case SweepSpec():
-            from raybig.spec.sweep import summary_lines
-
             summary["lines"] = summary_lines(spec)
             summary["warnings"] = train_memory_summary(spec.base).get("warnings", [])
     return summary
@@ -109,3 +107,16 @@ def machine_memory_warnings(spec: TrainSpec, total: int | None = None) -> list[s
     return [f"model state needs about {human(per)} per worker x {n} workers = {human(per * n)}, more than "
             f"this machine's {human(total)} (ZeRO-{est.stage}, {est.precision}); on one machine try "
             f"{', or '.join(fixes)}; or set resources.memory_per_worker for a cluster's nodes"]
+
+
+def summary_lines(spec: SweepSpec) -> list[str]:
+    """What `raybig validate` prints for a sweep."""
+    b = spec.base
+    sched = (f"ASHA on {spec.time_attr} (grace {spec.grace_period}, rf {spec.reduction_factor:g}, "
+             f"max_t {spec.horizon()})" if spec.scheduler == "asha" else "no early stopping")
+    lines = [f"{spec.total_trials()} trials ({spec.algorithm}, grid of {spec.grid_size()}), "
+             f"{spec.max_concurrent_trials} at a time, {spec.mode} {spec.metric}; {sched}",
+             f"each trial: {b.resources.workers} workers x {b.resources.cpus_per_worker:g} CPU, "
+             f"{b.train.steps} steps, ZeRO-{b.deepspeed.zero_stage}",
+             *[f"  {k}: {d.kind} {getattr(d, d.kind)!r}" for k, d in spec.search.items()]]
+    return lines + [f"base {line}" for line in train_memory_summary(b).get("lines", [])]

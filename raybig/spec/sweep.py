@@ -128,9 +128,13 @@ class SweepSpec(QueuedSpec):
     @classmethod
     def _load_base(cls, v: Any, info: ValidationInfo) -> Any:
         if isinstance(v, str):
-            from raybig.spec import load_spec
-
-            src = (info.context or {}).get("source") if info.context else None
+            # The loader hands itself over in the context (`raybig.spec.validate_data`): a sweep
+            # reads its base file without importing the package that imports it.
+            load_spec = (info.context or {}).get("load_spec")
+            if load_spec is None:
+                raise ValueError("a base given as a file path is read by raybig.spec.load_spec; "
+                                 "validate this sweep through it")
+            src = (info.context or {}).get("source")
             path = v
             if "://" not in v and not os.path.isabs(v) and src and "://" not in src:
                 here = os.path.join(os.path.dirname(os.path.abspath(src)), v)
@@ -389,18 +393,3 @@ def check_metric(spec: SweepSpec) -> str | None:
         return (f"{name!r} is measured once, after training, but ASHA compares trials while they train; "
                 "set scheduler: none (or optimise a training metric such as val_loss)")
     return None
-
-
-def summary_lines(spec: SweepSpec) -> list[str]:
-    """What `raybig validate` prints for a sweep."""
-    from raybig.spec.summary import train_memory_summary
-
-    b = spec.base
-    sched = (f"ASHA on {spec.time_attr} (grace {spec.grace_period}, rf {spec.reduction_factor:g}, "
-             f"max_t {spec.horizon()})" if spec.scheduler == "asha" else "no early stopping")
-    lines = [f"{spec.total_trials()} trials ({spec.algorithm}, grid of {spec.grid_size()}), "
-             f"{spec.max_concurrent_trials} at a time, {spec.mode} {spec.metric}; {sched}",
-             f"each trial: {b.resources.workers} workers x {b.resources.cpus_per_worker:g} CPU, "
-             f"{b.train.steps} steps, ZeRO-{b.deepspeed.zero_stage}",
-             *[f"  {k}: {d.kind} {getattr(d, d.kind)!r}" for k, d in spec.search.items()]]
-    return lines + [f"base {line}" for line in train_memory_summary(b).get("lines", [])]

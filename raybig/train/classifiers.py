@@ -422,7 +422,7 @@ def text_split(spec: Any, tokenizer: Any = None) -> ArraySplit:
     """
     from sklearn.model_selection import train_test_split
 
-    from raybig.train.build import run_tokenizer
+    from raybig.train.built import run_tokenizer
 
     tok = tokenizer if tokenizer is not None else run_tokenizer(spec, None)
     texts, y = read_labelled_texts(spec)
@@ -435,18 +435,18 @@ def text_split(spec: Any, tokenizer: Any = None) -> ArraySplit:
 
 
 def build_for_spec(spec: Any, ds_config: Any = None) -> Any:
-    """`raybig.train.build.Built` for a `task: classification` spec: the classifier, its task, its export config.
+    """`raybig.train.built.Built` for a `task: classification` spec: the classifier, its task, its export config.
 
     With `model.hf` / `model.hf_config`: transformers' `AutoModelForSequenceClassification` with
     `num_labels` classes (kind "hf", exported with save_pretrained); otherwise a built-in classifier.
     """
-    from raybig.train.build import Built
+    from raybig.train.built import Built
     from raybig.train.tasks import Classification
 
     split = split_for_spec(spec)
     if spec.model.is_hf:
         from raybig.train import hf
-        from raybig.train.build import hf_source, run_tokenizer
+        from raybig.train.built import hf_source, run_tokenizer
 
         stage3 = bool(ds_config) and int(ds_config.get("zero_optimization", {}).get("stage", 0)) == 3
         model = hf.build_head_model(hf_source(spec), "classification", from_pretrained=spec.model.hf is not None,

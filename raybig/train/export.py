@@ -309,7 +309,7 @@ def load_model(uri: str, dtype: torch.dtype = torch.float32) -> tuple[torch.nn.M
     sd, meta = read_export(uri)
     cfg = meta["model"]
     if "target" in cfg:
-        from raybig.train.build import load_target
+        from raybig.train.built import load_target
 
         fn = load_target(cfg["target"])
         model = fn(**cfg.get("kwargs", {}))
@@ -502,7 +502,7 @@ def export_from(source: str, out_dir: str | None = None, spec_path: str | None =
     if getattr(spec.model, "is_hf", False):
         _export_hf_checkpoint(spec, sd, run_dir, out)
         return out, f"checkpoint {where}"
-    from raybig.train.build import gpt_config
+    from raybig.train.built import gpt_config
 
     model_cfg: dict[str, Any]
     if spec.model.target is not None:

@@ -48,7 +48,7 @@ TRAIN, VAL = 0, 1
 
 
 def _load(target: str) -> Any:
-    from raybig.train.build import load_target
+    from raybig.train.built import load_target
 
     return load_target(target)
 
@@ -262,8 +262,8 @@ def build_model(spec: Any) -> torch.nn.Module:
 
 
 def build_for_spec(spec: Any) -> Any:
-    """`raybig.train.build.Built` for `task: custom`: the plug-in model, scored by `PluginTask`."""
-    from raybig.train.build import Built
+    """`raybig.train.built.Built` for `task: custom`: the plug-in model, scored by `PluginTask`."""
+    from raybig.train.built import Built
 
     train, val = load_datasets(spec)
     return Built(build_model(spec), "plugin", task=PluginTask(train, val))

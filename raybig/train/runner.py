@@ -98,7 +98,7 @@ def prepare_data(spec: TrainSpec, run_dir: str, storage_path: str | None = None,
 
     tok = None
     if spec.tokenizer_kind() != "bytes":  # bytes need no torch import here
-        from raybig.train.build import run_tokenizer
+        from raybig.train.built import run_tokenizer
 
         tok = run_tokenizer(spec, run_dir, 0, None)
     summary = prepare_spec(spec.data, prepared_root(spec.data, storage_path or spec.storage.path), tok)
@@ -129,7 +129,7 @@ def prepare_only(spec: TrainSpec, address: str | None = None, use_ray: bool = Tr
     spec, _ = resolve_paths(spec)
     tok = None
     if spec.tokenizer_kind() != "bytes":
-        from raybig.train.build import run_tokenizer
+        from raybig.train.built import run_tokenizer
 
         tok = run_tokenizer(spec, run_dir_of(spec), 0, None)
     if use_ray:

@@ -306,7 +306,7 @@ def run_sweep(spec: SweepSpec, address: str | None = None, python_path: list[str
     """Run (or resume) the sweep to the end; write and return its report.
 
     Prints nothing itself: a start line, one line per finished trial and an interruption go to
-    `hooks.note`; the caller shows the returned report (the CLI: `raybig.cli.sweep.print_report`).
+    `hooks.note`; the caller shows the returned report (the CLI: `raybig.cli.progress.print_report`).
 
     Raises:
         SweepMismatch: the sweep's directory holds a run of another spec (before Ray starts).
