@@ -241,3 +241,31 @@ print("RESULT " + json.dumps(out))
     for r in results:
         assert r["rc"] in (0, None), r
         assert not r["torch"], f"validate {r['args']} imported torch"
+
+
+def test_no_import_cycle_among_raybig_modules():
+    """The layers contract (import-linter) orders packages; this closes the rest: no module of raybig
+    imports, directly or through others, a module that imports it back (annotation-only imports
+    under TYPE_CHECKING excepted: they never run)."""
+    import grimp
+
+    g = grimp.build_graph("raybig", exclude_type_checking_imports=True)
+    edges = {m: g.find_modules_directly_imported_by(m) for m in g.modules}
+    state: dict[str, int] = {}  # 1: on the DFS stack, 2: done
+    cycles: list[list[str]] = []
+
+    def visit(m: str, stack: list[str]) -> None:
+        state[m] = 1
+        stack.append(m)
+        for n in sorted(edges.get(m, ())):
+            if state.get(n) == 1:
+                cycles.append(stack[stack.index(n):] + [n])
+            elif n not in state:
+                visit(n, stack)
+        stack.pop()
+        state[m] = 2
+
+    for m in sorted(edges):
+        if m not in state:
+            visit(m, [])
+    assert not cycles, "import cycles:\n" + "\n".join(" -> ".join(c) for c in cycles)
