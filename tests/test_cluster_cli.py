@@ -150,6 +150,10 @@ def test_cluster_up_plugin_job_failure_partly_dead_up_and_down(tmp_path):
         lj = subprocess.run(line, shell=True, capture_output=True, text=True, timeout=120,
                             env={**env, "PATH": f"{pathlib.Path(sys.executable).parent}:{env['PATH']}"})
         assert lj.returncode == 0, lj.stderr[-2000:]
+        # `serve status` with no flags and no RAY_ADDRESS reaches the cluster `cluster up` saved (its
+        # dashboard, with this cluster's own token file).
+        st = _cli(env, "serve", "status", "--json")
+        assert st.returncode == 0 and json.loads(st.stdout) == {"applications": {}}, (st.stdout, st.stderr)
 
         # 1. A failing plug-in (model.target) job: its driver on the head, its workers on the worker
         #    node, whose agent extracts the job's working_dir package (the plug-in is imported there

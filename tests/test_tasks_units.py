@@ -312,6 +312,40 @@ def test_distillation_mixes_teacher_in_training_not_in_validation(tmp_path):
             float(torch.nn.functional.cross_entropy(b.model(x), y)), rel=1e-5)
 
 
+def test_causal_lm_distillation_from_a_gpt_export(tmp_path):
+    """A raybig GPT student distils from a raybig GPT teacher export: next-token logits, same bytes."""
+    from raybig.model import GPT, GPTConfig
+    from raybig.train.build import build
+    from raybig.train.export import write_export
+    from raybig.train.tasks import distill_loss
+
+    torch.manual_seed(1)
+    tcfg = GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=64, vocab_size=256, dropout=0.0, bias=False)
+    teacher = GPT(tcfg).eval()
+    export = write_export(str(tmp_path / "teacher"), teacher.state_dict(), tcfg.to_dict(), tied=("lm_head.weight",))
+    spec = load_spec_text("kind: train\nname: s\nmodel: {preset: gpt-debug}\ndata: {seq_len: 16}\n"
+                          f"distill: {{teacher: {export}, temperature: 2.0, alpha: 0.7}}\n")
+    b = build(spec, None, vocab_size=256)
+    x = torch.randint(0, 256, (3, 16))
+    y = torch.roll(x, -1, 1)
+    y[:, -1] = -100
+    b.model.train()
+    loss = b.loss(b.model, x, y)
+    with torch.no_grad():
+        want = distill_loss(_logits(b.model, x), teacher(x), y, 2.0, 0.7)
+    assert float(loss.detach()) == pytest.approx(float(want), rel=1e-5) and b.metrics["distill_loss"] > 0
+    loss.backward()
+    assert all(p.grad is None for p in b.task.teacher.parameters())
+    with torch.no_grad():  # validation: the student's own next-token loss
+        own = torch.nn.functional.cross_entropy(_logits(b.model, x).reshape(-1, 256), y.reshape(-1))
+        assert float(b.loss(b.model, x, y, validation=True)) == pytest.approx(float(own), rel=1e-5)
+
+
+def _logits(model, x):
+    out = model(x)
+    return out[0] if isinstance(out, tuple) else out
+
+
 def test_bad_teachers_are_spec_errors(tiny_models, tmp_path):
     head = "kind: train\nname: s\ntask: classification\n"
     five = _classifier_export(tmp_path / "five", [8], num_classes=5)
