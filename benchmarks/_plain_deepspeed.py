@@ -18,9 +18,9 @@ import torch.distributed as dist  # noqa: E402
 
 from raybig.data.text import Batches  # noqa: E402
 from raybig.spec import load_spec  # noqa: E402
+from raybig.spec.deepspeed import build_ds_config  # noqa: E402
 from raybig.train.build import build  # noqa: E402
 from raybig.train.built import run_tokenizer  # noqa: E402
-from raybig.train.ds_config import build_ds_config  # noqa: E402
 from raybig.train.loop import disable_shm_comm_build, param_groups  # noqa: E402
 
 

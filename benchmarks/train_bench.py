@@ -114,7 +114,7 @@ def throughput(args: argparse.Namespace) -> None:
 
 def memory(args: argparse.Namespace) -> None:
     from raybig.spec import load_spec
-    from raybig.train.memory import estimate, human
+    from raybig.spec.memory import estimate, human
 
     tmp = tempfile.mkdtemp(prefix="raybig-bench-")
     print(f"\n{args.mem_preset}, 2 CPU workers, fp32, Adam, after {args.mem_steps} steps, measured after the last backward; max over ranks of the "

@@ -39,9 +39,9 @@ def worker(spec_path: str, out: str) -> None:
     import torch.distributed as dist
 
     from raybig.spec import load_spec
+    from raybig.spec.deepspeed import build_ds_config
     from raybig.train.build import build
     from raybig.train.checkpoints import write_manifest
-    from raybig.train.ds_config import build_ds_config
     from raybig.train.loop import disable_shm_comm_build, param_groups
 
     spec = load_spec(spec_path)

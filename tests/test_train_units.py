@@ -8,11 +8,11 @@ import torch
 from raybig.data.text import Batches, read_corpus
 from raybig.model import GPT, GPTConfig, KVCache, flops_per_token
 from raybig.spec import load_spec_text
+from raybig.spec.deepspeed import build_ds_config, resolve_precision
+from raybig.spec.memory import count_params, model_state_bytes
 from raybig.tokenizer import BYTE_VOCAB, ByteTokenizer, Tokenizer, decode, encode, get_tokenizer
 from raybig.train.build import build_model
 from raybig.train.built import gpt_config
-from raybig.train.ds_config import build_ds_config, resolve_precision
-from raybig.train.memory import count_params, model_state_bytes
 
 pytestmark = pytest.mark.unit
 

@@ -20,12 +20,12 @@ import torch
 import torch.distributed as dist
 
 from raybig.data.shards import Batch, ShardBatches
+from raybig.spec.deepspeed import build_ds_config, resolve_precision
 from raybig.spec.models import TrainSpec
 from raybig.tokenizer import BYTE_VOCAB
 from raybig.train.build import build
 from raybig.train.built import Built, gpt_config, run_tokenizer
 from raybig.train.checkpoints import write_manifest
-from raybig.train.ds_config import build_ds_config, resolve_precision
 from raybig.train.preempt import Watch
 
 
