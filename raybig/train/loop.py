@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import inspect
 import resource
-import sys
 import tempfile
 import time
 import zlib
@@ -439,11 +438,3 @@ def _local_copy(uri: str) -> Iterator[str]:
         return
     with tempfile.TemporaryDirectory(prefix="raybig-resume-") as tmp:
         yield download_dir(uri, tmp)
-
-
-def add_python_path(paths: list[str]) -> None:
-    """Put `paths` first on sys.path (plug-in models' folders)."""
-    for p in reversed(paths):
-        if p and p not in sys.path:
-            sys.path.insert(0, p)
-

@@ -69,7 +69,8 @@ class _RayReporter:
 
 
 def _worker_entry(config: dict[str, Any]) -> None:
-    from raybig.train.loop import add_python_path, train_worker
+    from raybig.plugins import add_python_path
+    from raybig.train.loop import train_worker
 
     add_python_path(config.get("python_path", []))
     spec: TrainSpec = config["spec"]
