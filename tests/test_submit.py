@@ -8,6 +8,7 @@ runs at a time and the others queue. Jobs go through the real path: `raybig subm
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import pathlib
@@ -232,7 +233,9 @@ def test_a_planted_secret_never_reaches_rays_job_info(cl, tmp_path):
         info = call(url, client.get_job_info, job)
         seen = json.dumps({"entrypoint": info.entrypoint, "runtime_env": info.runtime_env,
                            "metadata": info.metadata}, default=str)
-        assert "HUB_TOKEN" in seen and secret not in seen, seen[:2000]
+        frozen = base64.b64decode(info.runtime_env["env_vars"]["RAYBIG_SPEC_B64"]).decode()
+        assert "prompt: ${HUB_TOKEN}" in frozen, frozen  # travels as the reference, resolved on the cluster
+        assert secret not in seen and secret not in frozen, seen[:2000]
         listed = cli(cl, "list", "--all", "--json")
         assert listed.returncode == 0 and secret not in listed.stdout
     finally:
