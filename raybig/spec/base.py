@@ -7,6 +7,7 @@ its parent; `at()` builds them.
 
 from __future__ import annotations
 
+import os
 import re
 from typing import Annotated, Any, ClassVar
 
@@ -31,6 +32,11 @@ from raybig.spec import secrets
 def at(field: str, message: str) -> ValueError:
     """A validation error re-anchored to `field` (a dotted sub path of the model raising it)."""
     return ValueError(f"@{field}: {message}")
+
+
+def local_abs(path: str) -> str:
+    """A local path made absolute (`~` expanded), so Ray workers need not share the driver's cwd; a URI as is."""
+    return path if "://" in path else os.path.abspath(os.path.expanduser(path))
 
 
 NAME_RE = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$"

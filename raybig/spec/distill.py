@@ -12,6 +12,8 @@ import json
 import os
 from typing import Any
 
+from raybig.spec.base import local_abs
+
 CLASSIFIER_TARGET = "raybig.train.classifiers:build_from_config"
 """The `target` a built-in classifier's export config names."""
 
@@ -57,7 +59,7 @@ def check_teacher(spec: Any) -> list[tuple[str, str]]:
     if "://" in t and not t.startswith("file://"):
         return []
     found = teacher_config(t)
-    storage_root = os.path.abspath(os.path.expanduser(spec.storage.path)) if "://" not in spec.storage.path else None
+    storage_root = local_abs(spec.storage.path) if "://" not in spec.storage.path else None
     if found is None and storage_root is not None and os.path.dirname(t.rstrip("/")) == storage_root:
         return []  # a run of this storage that an earlier job (or pipeline step) will write: checked at load
     if found is None:

@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from raybig.spec.base import MAX_BYTES, NAME_RE, Bytes, Name, QueuedSpec, Strict, at
+from raybig.spec.base import MAX_BYTES, NAME_RE, Bytes, Name, QueuedSpec, Strict, at, local_abs
 from raybig.spec.hf_params import hf_model_info
 
 __all__ = ["MAX_BYTES", "NAME_RE", "PRESETS", "Bytes", "CheckpointSpec", "ClassifierSpec", "DataSpec",
@@ -74,9 +74,7 @@ class ModelSpec(Strict):
     @field_validator("hf_config")
     @classmethod
     def _hf_config_path(cls, v: str | dict[str, Any] | None) -> str | dict[str, Any] | None:
-        if isinstance(v, str) and "://" not in v:
-            return os.path.abspath(os.path.expanduser(v))
-        return v
+        return local_abs(v) if isinstance(v, str) else v
 
     @property
     def is_hf(self) -> bool:
@@ -717,7 +715,7 @@ class ClassifierSpec(Strict):
         if not v.endswith((".npz", ".parquet")):
             raise ValueError(f"{v!r}: use digits, an .npz file (x_train, y_train, x_val, y_val, or x, y) or "
                              "a .parquet file (x, label)")
-        return v if "://" in v else os.path.abspath(os.path.expanduser(v))
+        return local_abs(v)
 
     @model_validator(mode="after")
     def _shape(self) -> ClassifierSpec:
@@ -803,7 +801,7 @@ class DistillSpec(Strict):
     @field_validator("teacher")
     @classmethod
     def _teacher(cls, v: str) -> str:
-        return v if "://" in v else os.path.abspath(os.path.expanduser(v))
+        return local_abs(v)
 
 
 class TrainSpec(QueuedSpec):
